@@ -1,0 +1,214 @@
+"""`python -m lora_trainer <command>`: train, check, generate, caption, push.
+
+Errors a user can cause print one message that says what to do (no traceback) and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import LoraStudioError
+
+log = logging.getLogger("lora_trainer")
+
+# CLI flag -> config field, for the fields people change most.
+COMMON_FLAGS = {
+    "base": ("model.base", str),
+    "images": ("data.images", str),
+    "trigger": ("data.trigger", str),
+    "steps": ("optim.steps", int),
+    "rank": ("lora.rank", int),
+    "resolution": ("data.resolution", int),
+    "lr": ("optim.learning_rate", float),
+    "name": ("output.name", str),
+}
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", help="run folder (holding config.toml); created if needed")
+    p.add_argument("--config", help="config.toml to start from (copied into the run folder with the overrides)")
+    p.add_argument("--out", help="run folder to write to (default: the folder of --config, or RUN)")
+    for flag, (dotted, kind) in COMMON_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, help=f"sets {dotted}: {config_mod.field_info(dotted)['help']}")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="set any config field, e.g. --set optim.lr_scheduler=cosine")
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.run:
+        return Path(args.run)
+    if args.config:
+        return Path(args.config).parent
+    raise LoraStudioError("say where the run lives: a run folder (RUN or --out DIR), or --config FILE")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConfig]:
+    """The run folder and its config: --config or RUN/config.toml or defaults, then the flag overrides."""
+    run_dir = _run_dir(args)
+    source = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
+    cfg = config_mod.load(source) if source.exists() else config_mod.TrainConfig()
+    for flag, (dotted, _) in COMMON_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if flag == "images":
+                value = str(Path(value).resolve())  # the config lives elsewhere; keep the path valid there
+            cfg.set(dotted, value)
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise config_mod.ConfigError(f"--set {assignment!r}: expected SECTION.FIELD=VALUE")
+        cfg.set(key.strip(), value)
+    return run_dir, config_mod.validate(cfg)
+
+
+def _setup_logging(run_dir: Path | None, main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .events import EVENTS_FILENAME, EventWriter
+
+    run_dir, cfg = resolve_config(args)
+    main = _is_main_process()
+    _setup_logging(run_dir, main)
+    if main:
+        config_mod.save(cfg, run_dir)
+    try:
+        if args.resume_from:
+            from . import hub
+
+            if main:
+                path = hub.fetch_checkpoint(args.resume_from, run_dir)
+                log.info("fetched %s from %s", path.name, args.resume_from)
+        from .train import train
+
+        result = train(run_dir, cfg)
+        print(f"{result['status']} at step {result['step']}: {run_dir}")
+        return 0
+    except LoraStudioError as e:
+        hint = getattr(e, "hint", "") or "fix the setting named above and start again; completed checkpoints are kept"
+        log.error("%s", e)
+        if main:
+            EventWriter(run_dir / EVENTS_FILENAME).emit("failed", error=str(e), hint=hint)
+        print(f"error: {e}\nhint: {hint}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - record why, for the UI, before dying
+        log.error("training crashed:\n%s", traceback.format_exc())
+        if main:
+            EventWriter(run_dir / EVENTS_FILENAME).emit("failed", error=f"{type(e).__name__}: {e}", hint=_crash_hint(e))
+        raise
+
+
+def _crash_hint(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".lower()
+    if "out of memory" in text:
+        return "out of GPU memory: lower optim.batch_size or data.resolution, enable optim.gradient_checkpointing, use optim.mixed_precision = bf16/fp16"
+    return "an unexpected error; the traceback is in train.log. Completed checkpoints are kept: start again to resume"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate config and dataset, print the plan; loads no model."""
+    from . import dataset as ds
+    from .models import TINY_MODELS
+
+    run_dir, cfg = resolve_config(args)
+    images = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else run_dir / cfg.data.images
+    items = ds.scan(images, cfg.data.trigger)
+    step = 16 if cfg.model.base in TINY_MODELS else 64
+    bucket_step = max(cfg.data.bucket_step, step) // step * step
+    buckets = ds.assign_buckets(items, cfg.data.resolution, bucket_step, cfg.data.buckets)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = ds.make_plan(items, cfg.optim.batch_size, cfg.optim.gradient_accumulation, processes, cfg.optim.steps, cfg.optim.epochs)
+    small = [i for i in items if min(i.size) < cfg.data.resolution]
+    print(f"config: ok ({run_dir / config_mod.CONFIG_FILENAME})")
+    print(f"base model: {cfg.model.base}")
+    print(f"images: {len(items)} in {images} ({sum(i.repeats for i in items)} per epoch with repeats)")
+    print(f"captions: {sum(1 for i in items if i.caption != cfg.data.trigger)} written, the rest use the trigger '{cfg.data.trigger}'")
+    print("buckets: " + ", ".join(f"{w}x{h} ({sum(1 for i in items if i.bucket == (w, h))})" for w, h in buckets))
+    print(f"plan: {plan.total_steps} steps, {plan.steps_per_epoch} steps per epoch, {plan.epochs} epochs, batch {cfg.optim.batch_size} x {cfg.optim.gradient_accumulation} accumulation x {processes} process(es)")
+    if small:
+        print(f"warning: {len(small)} image(s) are smaller than {cfg.data.resolution} px and will be upscaled: " + ", ".join(i.image.name for i in small[:5]))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import Generator, LoraSpec
+
+    gen = Generator(args.base)
+    loras = [LoraSpec.parse(spec) for spec in args.lora]
+    out = Path(args.out)
+    if args.compare:
+        image = gen.compare(args.prompt, loras, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
+    else:
+        image = gen.generate(args.prompt, loras, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_trainer", description="Train and use Stable Diffusion LoRAs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA (resumes if the run folder has a checkpoint)")
+    _add_config_arguments(p)
+    p.add_argument("--resume-from", help="hub:user/name: continue from the newest checkpoint pushed there")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="validate the config and dataset and print the plan, without loading a model")
+    _add_config_arguments(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("generate", help="generate an image with a base model and LoRAs")
+    p.add_argument("--base", default="builtin:tiny-sd", help="base model (as model.base)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]", help="a LoRA file or run folder, repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--size", type=int, default=0, help="image side in pixels (default: the model's)")
+    p.add_argument("--compare", action="store_true", help="LoRA off and on, side by side, same seed")
+    p.add_argument("--out", default="generated.png")
+    p.set_defaults(func=cmd_generate)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """caption and push live with their modules."""
+    from . import captioning, hub
+
+    p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
+    captioning.add_caption_arguments(p)
+    p.set_defaults(func=captioning.caption_command)
+    p = sub.add_parser("push", help="publish a run to the Hugging Face Hub")
+    hub.add_push_arguments(p)
+    p.set_defaults(func=hub.push_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraStudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

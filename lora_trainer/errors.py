@@ -1,0 +1,20 @@
+"""The project's one exception type for errors a user can cause, and its specialisations.
+
+The message always says what to do. The UI shows it as is; the CLI prints it without a traceback.
+"""
+
+
+class LoraStudioError(Exception):
+    """An error the user can fix: the message says how."""
+
+
+class ConfigError(LoraStudioError, ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+class ModelLoadError(LoraStudioError):
+    """A base model could not be found or loaded; the message names it and what was tried."""
+
+
+class DatasetError(LoraStudioError):
+    """The dataset cannot be used for training (no images, unreadable folder, ...)."""

@@ -1,0 +1,92 @@
+"""The events contract: the trainer appends one JSON object per line to `events.jsonl`.
+
+Types and their fields (every event also has `type` and `time`, seconds since the epoch):
+  started     step (0 or the resumed step), total_steps, base, kind (sd|sdxl), resumed (bool),
+              plan {images, buckets, epochs, steps_per_epoch, batch_size, ...}, device
+  step        step, total_steps, loss, lr, sec_per_step, eta_seconds, memory {rss_gb, gpu_gb?}
+  sample      step, images [paths relative to the run folder], prompts, seed
+  checkpoint  step, path (relative to the run folder)
+  stopped     step, checkpoint (path)                 -- SIGTERM honoured, state saved
+  finished    step, final (path), files [paths]
+  failed      step, error, hint                       -- the run cannot go on; `hint` says what to change
+
+The UI only reads this file; `read_events` tolerates a half-written last line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILENAME = "events.jsonl"
+EVENT_TYPES = ("started", "step", "sample", "checkpoint", "stopped", "finished", "failed")
+
+
+class EventWriter:
+    """Appends events; a failure to write never takes training down (the run matters more)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
+        if type not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type!r}")
+        event = {"type": type, "time": round(time.time(), 3), **fields}
+        try:
+            self._file.write(json.dumps(event, default=str) + "\n")
+            self._file.flush()
+        except OSError:
+            pass
+        return event
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullWriter:
+    """What non-main processes of a multi-process run write with: nothing."""
+
+    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
+        return {"type": type, **fields}
+
+    def close(self) -> None:
+        pass
+
+
+def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Events from byte `offset` on, and the offset to continue from.
+
+    Only complete lines are consumed: a line still being written is left for the next call.
+    Lines that are not valid JSON are skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    events = []
+    for line in data[: end + 1].splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "type" in event:
+            events.append(event)
+    return events, offset + end + 1
+
+
+def last_event(path: str | Path, *types: str) -> dict[str, Any] | None:
+    """The newest event (of the given types, if any)."""
+    events, _ = read_events(path)
+    for event in reversed(events):
+        if not types or event["type"] in types:
+            return event
+    return None

@@ -1,0 +1,172 @@
+"""Base models: resolve what the user typed, load the pipeline, attach LoRA with peft.
+
+A base model is one of:
+  builtin:tiny-sd / builtin:tiny-sdxl   built offline into a cache folder (tiny.py)
+  a local diffusers folder              (has model_index.json)
+  a single checkpoint file              (.safetensors / .ckpt, loaded with from_single_file)
+  a Hub id                              (org/name, loaded with from_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .tiny import TINY_MODELS, tiny_model_path
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    spec: str  # what the user typed
+    kind: str  # "sd" or "sdxl"
+    source: str  # local path or Hub id handed to diffusers
+    loader: str  # "pretrained" or "single_file"
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.spec in TINY_MODELS
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return "StableDiffusionXLPipeline" if self.kind == "sdxl" else "StableDiffusionPipeline"
+
+
+def _kind_from_class_name(name: str) -> str:
+    return "sdxl" if "XL" in name else "sd"
+
+
+def _kind_from_single_file(path: Path) -> str:
+    """SDXL checkpoints have a second text encoder under conditioner.embedders.1."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    else:
+        import torch
+
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        keys = list(sd.get("state_dict", sd))
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd"
+
+
+def resolve(spec: str, revision: str = "") -> BaseModel:
+    """Decide what kind of model `spec` names and how to load it, without loading weights."""
+    spec = spec.strip()
+    if spec in TINY_MODELS:
+        return BaseModel(spec, TINY_MODELS[spec], str(tiny_model_path(spec)), "pretrained")
+    if spec.startswith("builtin:"):
+        raise ModelLoadError(f"unknown built-in model '{spec}'; the built-in ones are {', '.join(TINY_MODELS)}")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise ModelLoadError(
+                f"base model '{spec}': the folder exists but has no model_index.json, so it is not a diffusers "
+                "model folder; point to the folder that holds model_index.json, or to a single .safetensors file"
+            )
+        kind = _kind_from_class_name(json.loads(index.read_text()).get("_class_name", ""))
+        return BaseModel(spec, kind, str(path), "pretrained")
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"base model '{spec}' is a {path.suffix or 'suffix-less'} file; expected .safetensors or .ckpt")
+        return BaseModel(spec, _kind_from_single_file(path), str(path), "single_file")
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
+    if not looks_like_hub_id:
+        raise ModelLoadError(
+            f"base model '{spec}' not found: no such local folder or file, and it is not a Hub id (org/name); "
+            f"use a Hub id, a local diffusers folder, a .safetensors file, or one of {', '.join(TINY_MODELS)}"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = hf_hub_download(spec, "model_index.json", revision=revision or None)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear line
+        raise ModelLoadError(
+            f"base model '{spec}' could not be loaded: tried a local path (none) and the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no details'}). Check the id and your "
+            "network/HF_TOKEN, or download the model and pass its local folder"
+        ) from None
+    kind = _kind_from_class_name(json.loads(Path(index).read_text()).get("_class_name", ""))
+    return BaseModel(spec, kind, spec, "pretrained")
+
+
+def load_pipeline(base: BaseModel, dtype: Any = None, *, revision: str = "", variant: str = ""):
+    """The diffusers pipeline of `base` (all components), frozen weights in `dtype`."""
+    import diffusers
+
+    cls = getattr(diffusers, base.pipeline_class_name)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if base.kind == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if base.loader == "single_file":
+            pipe = cls.from_single_file(base.source, **kwargs)
+        else:
+            if revision:
+                kwargs["revision"] = revision
+            if variant:
+                kwargs["variant"] = variant
+            pipe = cls.from_pretrained(base.source, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        hint = (
+            " (single-file loading fetches the model's config from the Hub; offline, convert the file to a "
+            "diffusers folder once and use that)"
+            if base.loader == "single_file"
+            else ""
+        )
+        raise ModelLoadError(f"base model '{base.spec}' could not be loaded with {cls.__name__}: {first}{hint}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_tokenizer(spec: str):
+    """The (first) CLIP tokenizer of a base model, for caption checks; no model weights are loaded."""
+    from transformers import CLIPTokenizer
+
+    base = resolve(spec)
+    if base.loader == "single_file":
+        raise ModelLoadError(f"'{spec}' is a single checkpoint file; caption checks need a diffusers folder or Hub id")
+    try:
+        return CLIPTokenizer.from_pretrained(base.source, subfolder="tokenizer")
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"tokenizer of '{spec}' could not be loaded: {str(e).splitlines()[0][:200]}") from None
+
+
+def text_encoders(pipe) -> list:
+    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+
+
+def tokenizers(pipe) -> list:
+    return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+
+
+def lora_config(rank: int, alpha: float, dropout: float, targets: list[str], *, use_dora: bool, use_rslora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+        target_modules=targets, use_dora=use_dora, use_rslora=use_rslora,
+    )
+
+
+def attach_lora(model, config, name: str) -> None:
+    """Add a peft LoRA adapter to `model`; a target list that matches nothing is a user error."""
+    try:
+        model.add_adapter(config)
+    except ValueError as e:
+        raise ModelLoadError(
+            f"LoRA targets {sorted(config.target_modules)} match no layer of the {name}: {str(e).splitlines()[0][:200]}. "
+            "Use lora.targets = attention or attention+ff, or module names that exist in the model"
+        ) from None
