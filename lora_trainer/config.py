@@ -297,7 +297,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def load(path: str | Path) -> TrainConfig:
     path = Path(path)
-    if path.is_dir():
+    if path.suffix != ".toml":  # a run folder
         path = path / CONFIG_FILENAME
     if not path.exists():
         raise ConfigError(f"no config file at {path}; create one with `python -m lora_trainer train --out RUN ...`")
@@ -317,7 +317,7 @@ def save(cfg: TrainConfig, path: str | Path) -> Path:
     from .fsutil import atomic_write_text
 
     path = Path(path)
-    if path.is_dir():
+    if path.suffix != ".toml":  # a run folder
         path = path / CONFIG_FILENAME
     validate(cfg)
     atomic_write_text(path, dumps(cfg))

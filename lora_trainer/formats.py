@@ -62,6 +62,13 @@ def to_kohya(peft_state_dicts: dict[str, dict[str, Any]], kind: str, alphas: dic
     return out
 
 
+def with_classic_text_encoder_names(model: str, state: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 dropped CLIPTextModel's `text_model.` level; every LoRA tool still expects it."""
+    if model == "unet":
+        return state
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
 def kohya_alpha(alpha: float, rank: int, rslora: bool) -> float:
     return alpha * math.sqrt(rank) if rslora else alpha
 
@@ -119,6 +126,7 @@ def save_lora(
     from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
+    peft_state_dicts = {m: with_classic_text_encoder_names(m, s) for m, s in peft_state_dicts.items()}
     kwargs: dict[str, Any] = {}
     for model, state in peft_state_dicts.items():
         kwargs[f"{model}_lora_layers"] = convert_state_dict_to_diffusers(state)
