@@ -73,7 +73,7 @@ def _setup_logging(run_dir: Path | None, main: bool) -> None:
     if run_dir is not None and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train import train
 
         result = train(run_dir, cfg)
-        print(f"{result['status']} at step {result['step']}: {run_dir}")
+        if main:
+            print(f"{result['status']} at step {result['step']}: {run_dir}")
         return 0
     except LoraStudioError as e:
         hint = getattr(e, "hint", "") or "fix the setting named above and start again; completed checkpoints are kept"

@@ -57,7 +57,7 @@ def build_tokenizer_files(num_merges: int = 600) -> tuple[dict[str, int], list[t
     for _ in range(num_merges):
         pairs: Counter = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in zip(word, word[1:], strict=False):
                 pairs[pair] += freq
         if not pairs:
             break

@@ -65,11 +65,16 @@ def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + micro * 31 + rank) % (2**63 - 1)
 
 
+_PROCESS = None
+
+
 def _memory() -> dict[str, float]:
+    global _PROCESS
     import psutil
     import torch
 
-    mem = {"rss_gb": round(psutil.Process().memory_info().rss / 2**30, 3)}
+    _PROCESS = _PROCESS or psutil.Process()
+    mem = {"rss_gb": round(_PROCESS.memory_info().rss / 2**30, 3)}
     if torch.cuda.is_available():
         mem["gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return mem
@@ -111,7 +116,11 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
 
     if opt.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise config_mod.ConfigError("optim.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
-    accelerator = Accelerator(mixed_precision=opt.mixed_precision, gradient_accumulation_steps=opt.gradient_accumulation)
+    # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
+    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        mixed_precision=opt.mixed_precision, gradient_accumulation_steps=opt.gradient_accumulation, cpu=cpu_processes
+    )
     main = accelerator.is_main_process
     events = EventWriter(run_dir / EVENTS_FILENAME) if main else NullWriter()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -191,6 +200,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
     for name, model in trained.items():
         if name != "unet":
             params.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lcfg.text_encoder_lr or opt.learning_rate})
+    trainable = [p for group in params for p in group["params"]]
     optimizer = make_optimizer(opt.optimizer, params, opt.learning_rate, opt.weight_decay, device)
     lr_scheduler = get_scheduler(
         opt.lr_scheduler, optimizer=optimizer,
@@ -257,12 +267,13 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
             torch.save(lr_scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step, "total_steps": total_steps, "seed": opt.seed}))
             replace_dir(tmp, final)
-            if out.keep_checkpoints:
-                for old in checkpoint_dirs(run_dir)[: -out.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
             events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
+            log.info("saved checkpoint %s", final.relative_to(run_dir))
+            prune = (lambda: _prune_checkpoints(run_dir, out.keep_checkpoints)) if out.keep_checkpoints else None
             if out.push_checkpoints_to:
-                _push_in_background(run_dir, final, out.push_checkpoints_to)
+                _push_in_background(run_dir, final, out.push_checkpoints_to, then=prune)  # never prune mid-upload
+            elif prune:
+                prune()
         accelerator.wait_for_everyone()
         return final
 
@@ -311,6 +322,10 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         plan={"images": len(items), "repeats": sum(i.repeats for i in items), "buckets": [list(b) for b in buckets],
               "batch_size": opt.batch_size, "steps_per_epoch": plan.steps_per_epoch, "epochs": plan.epochs,
               "cache_latents": cache_latents, "cache_text_embeddings": cache_text},
+    )
+    log.info(
+        "training %s LoRA on %s: %d images, %d steps (%s epochs), buckets %s, %d process(es) on %s",
+        base.kind, cfg.model.base, len(items), total_steps, plan.epochs, buckets, world, device,
     )
     if start_step == 0:
         render_samples(0)  # the base model's images, to compare progress against
@@ -378,7 +393,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and opt.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for g in params for p in g["params"]], opt.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, opt.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -411,6 +426,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         if stop_now:
             path = save_checkpoint(done)
             events.emit("stopped", step=done, checkpoint=str(path.relative_to(run_dir)))
+            log.info("stopped at step %d on request; start again to resume", done)
             progress.close()
             events.close()
             return {"status": "stopped", "step": done, "checkpoint": path}
@@ -427,10 +443,12 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(tmp, total_steps)
         replace_dir(tmp, final)
+        _write_model_card(run_dir, out.name)
     if start_step < total_steps:  # else this is a finished run started again: its checkpoint and samples exist
         save_checkpoint(total_steps)
         render_samples(total_steps)
     files = sorted(str(p.relative_to(run_dir)) for p in final.iterdir()) if main else []
+    log.info("finished: %d steps, final loss %.4f, files in %s", total_steps, loss_value, final)
     events.emit("finished", step=total_steps, final="final", files=files, loss=round(loss_value, 6) if math.isfinite(loss_value) else None)
     events.close()
     accelerator.end_training()
@@ -502,7 +520,22 @@ def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float
     raise config_mod.ConfigError(f"unknown optimizer {name!r}")
 
 
-def _push_in_background(run_dir: Path, checkpoint: Path, repo: str) -> None:
+def _prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_model_card(run_dir: Path, name: str) -> None:
+    """README.md in the run folder: the model card a push would publish. Never fails the run."""
+    try:
+        from .modelcard import render_model_card
+
+        atomic_write_text(run_dir / "README.md", render_model_card(run_dir, name))
+    except Exception as e:  # noqa: BLE001 - a card is a courtesy; the LoRA is already saved
+        log.warning("could not write README.md: %s", e)
+
+
+def _push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None) -> None:
     """Push a checkpoint to the Hub without blocking training; a failure is logged, never raised."""
     import threading
 
@@ -514,6 +547,8 @@ def _push_in_background(run_dir: Path, checkpoint: Path, repo: str) -> None:
             log.warning("checkpoint push to %s failed: %s", repo, error)
         else:
             log.info("pushed %s to %s", checkpoint.name, repo)
+        if then:
+            then()
 
     threading.Thread(target=push, name=f"push-{checkpoint.name}", daemon=True).start()
 

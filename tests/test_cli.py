@@ -1,0 +1,151 @@
+"""The headless engine as a user drives it: `python -m lora_trainer ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images, tiny_config
+from safetensors.torch import load_file
+
+from lora_trainer import config as config_mod
+from lora_trainer.events import read_events
+from lora_trainer.formats import DIFFUSERS_FILENAME
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lora_trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_trainer", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if any(e["type"] == "step" and e["step"] >= step for e in read_events(run / "events.jsonl")[0]):
+            return
+        assert proc.poll() is None, f"trainer exited early: {proc.stderr.read()}"
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {limit}s")
+
+
+def event_types(run: Path) -> list[str]:
+    return [e["type"] for e in read_events(run / "events.jsonl")[0]]
+
+
+def write_run(tmp_path: Path, name: str = "run", **overrides) -> Path:
+    run = tmp_path / name
+    config_mod.save(tiny_config(make_images(tmp_path / "images"), **overrides), run)
+    return run
+
+
+def test_train_from_flags_writes_the_config_and_a_lora(tmp_path):
+    images = make_images(tmp_path / "images")
+    run = tmp_path / "run"
+    result = cli(
+        "train", "--base", "builtin:tiny-sd", "--images", str(images), "--trigger", "zwx", "--steps", "4", "--rank", "2",
+        "--resolution", "64", "--set", "data.bucket_step=16", "--set", "sampling.every=0", "--out", str(run),
+    )
+    assert result.returncode == 0, result.stderr
+    cfg = config_mod.load(run)
+    assert (cfg.data.trigger, cfg.optim.steps, cfg.lora.rank) == ("zwx", 4, 2)
+    assert (run / "final" / DIFFUSERS_FILENAME).exists() and (run / "final" / "my-lora.safetensors").exists()
+    assert (run / "train.log").read_text().strip()
+    assert (run / "README.md").read_text().count("zwx") >= 1
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [(["--rank", "0"], "lora.rank"), (["--set", "optim.optimizer=sgd"], "optim.optimizer"), (["--resolution", "100"], "data.resolution"),
+     (["--set", "lora.rnak=4"], "lora.rnak")],
+)
+def test_bad_values_are_rejected_by_name_before_anything_loads(tmp_path, flags, field):
+    result = cli("check", str(tmp_path / "run"), *flags)
+    assert result.returncode == 1
+    assert field in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_prints_the_plan_without_loading_a_model(tmp_path):
+    run = write_run(tmp_path, optim__steps=0 or 1, optim__epochs=3)
+    result = cli("check", str(run), "--set", "model.base=org/not-downloaded-anywhere")
+    assert result.returncode == 0, result.stderr
+    assert "images: 4" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
+    assert "buckets:" in result.stdout
+
+
+def test_an_unknown_model_is_one_line_naming_it(tmp_path):
+    run = write_run(tmp_path)
+    result = cli("train", str(run), "--base", "./no/such/model")
+    assert result.returncode == 1
+    assert "base model './no/such/model' not found" in result.stderr and "Traceback" not in result.stderr
+    failed = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "failed"]
+    assert failed and "./no/such/model" in failed[0]["error"] and failed[0]["hint"]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+    run = write_run(tmp_path, optim__steps=100000)
+    proc = start("train", str(run))
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    stopped = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "stopped"]
+    assert stopped and event_types(run)[-1] == "stopped"
+    ckpt = run / stopped[0]["checkpoint"]
+    assert {"optimizer.pt", "scheduler.pt", "adapter.safetensors"} <= {p.name for p in (ckpt / "state").iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == stopped[0]["step"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    settings = dict(optim__steps=24, output__save_every=6, data__flip=True, data__shuffle_captions=True, lora__dropout=0.1)
+    reference = write_run(tmp_path, "reference", **settings)
+    assert cli("train", str(reference)).returncode == 0
+
+    run = write_run(tmp_path, "killed", **settings)
+    proc = start("train", str(run))
+    wait_for_step(run, 14, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (run / "final").exists() and (run / "checkpoints" / "step-000012").exists()
+    result = cli("train", str(run))
+    assert result.returncode == 0, result.stderr
+    started = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "started"]
+    assert started[-1]["resumed"] and started[-1]["step"] in (12, 18)
+
+    expected, got = load_file(reference / "final" / DIFFUSERS_FILENAME), load_file(run / "final" / DIFFUSERS_FILENAME)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_process_accelerate_run_trains(tmp_path):
+    """accelerate's --cpu flag always starts one process; --multi_gpu uses torch.distributed, gloo on a CPU box."""
+    run = write_run(tmp_path, optim__steps=4, optim__batch_size=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(run / "events.jsonl")[0]
+    started = [e for e in events if e["type"] == "started"]
+    assert len(started) == 1 and started[0]["processes"] == 2  # only the main process writes events
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
+    weights = load_file(run / "final" / DIFFUSERS_FILENAME)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
