@@ -1,0 +1,363 @@
+"""The model card (README.md) and loss curve that go with a published LoRA.
+
+Everything here reads a run folder and returns text or bytes; nothing touches the network or writes
+files. The card follows the diffusers LoRA convention (the YAML that diffusers' training scripts
+write), so the Hub shows the sample gallery, the widget and "Use this model" for it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image, ImageDraw, ImageFont
+
+from . import config as config_mod
+from .errors import LoraStudioError
+from .events import EVENTS_FILENAME, read_events
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+LOSS_CURVE = "loss.png"
+LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
+KIND_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+# Config fields that change speed or paths, not the LoRA: left out of the card's settings table.
+_UNINTERESTING_FIELDS = {
+    "data.images", "data.num_workers", "data.cache_latents", "data.cache_text_embeddings",
+    "optim.gradient_checkpointing",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class RunNotReadyError(LoraStudioError):
+    """The run folder has nothing to publish yet."""
+
+
+@dataclass
+class RunSummary:
+    """What a published LoRA is made of, read from a run folder."""
+
+    run_dir: Path
+    kind: str  # "sd" or "sdxl"
+    base: str  # model.base as configured: a Hub id, a local path or builtin:tiny-*
+    trigger: str
+    name: str
+    steps: int | None
+    diffusers_file: Path
+    kohya_file: Path | None
+    config: config_mod.TrainConfig | None
+    sample_step: int | None = None
+    # (path relative to the run folder, prompt) of the newest sampled step: the card's gallery.
+    widget_samples: list[tuple[str, str]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def hub_base_model(self) -> str | None:
+        return hub_base_model(self.base, self.run_dir)
+
+
+def hub_base_model(base: str, run_dir: Path | None = None) -> str | None:
+    """The Hub id of a base model, or None when it is builtin, a local folder or a file."""
+    if base.startswith("builtin:") or base.endswith((".safetensors", ".ckpt")):
+        return None
+    if Path(base).expanduser().exists() or (run_dir is not None and (run_dir / base).exists()):
+        return None  # user/name-looking, but a local folder
+    return base if _HUB_ID.match(base) else None
+
+
+def read_run(run_dir: str | Path) -> RunSummary:
+    """Collect what the card and the upload need; raise RunNotReadyError if there is no final LoRA."""
+    run_dir = Path(run_dir)
+    final = run_dir / "final"
+    if not run_dir.is_dir():
+        raise RunNotReadyError(f"There is no run folder at {run_dir}: check the path.")
+    if not (final / DIFFUSERS_WEIGHTS).is_file():
+        raise RunNotReadyError(
+            f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_WEIGHTS} is missing). "
+            "Let training run to the end (or resume it), then publish."
+        )
+    cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
+    info = _read_json(final / "lora_info.json")
+    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS)
+    metadata = _safetensors_metadata(kohya[0]) if kohya else {}
+    events, _ = read_events(run_dir / EVENTS_FILENAME)
+
+    base = info.get("base") or (cfg.model.base if cfg else "") or "unknown"
+    name = info.get("name") or (cfg.output.name if cfg else None) or (kohya[0].stem if kohya else run_dir.name)
+    preferred = final / f"{name}.safetensors"
+    summary = RunSummary(
+        run_dir=run_dir,
+        kind=_kind(info, metadata, base),
+        base=base,
+        trigger=info.get("trigger") or metadata.get("modelspec.trigger_phrase") or (cfg.data.trigger if cfg else ""),
+        name=name,
+        steps=_steps(info, metadata, events),
+        diffusers_file=final / DIFFUSERS_WEIGHTS,
+        kohya_file=preferred if preferred.is_file() else (kohya[0] if kohya else None),
+        config=cfg,
+        events=events,
+    )
+    summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg)
+    return summary
+
+
+def sample_files(run_dir: str | Path) -> list[Path]:
+    """Every sample image of the run (all sampled steps), oldest step first."""
+    return sorted((Path(run_dir) / "samples").glob("step-*/*.png"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors header (8-byte length + JSON), without loading tensors."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, 100_000_000)))
+    except (OSError, ValueError, struct.error):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _kind(info: dict[str, Any], metadata: dict[str, str], base: str) -> str:
+    if info.get("kind") in LICENSES:
+        return info["kind"]
+    if "ss_base_model_version" in metadata:
+        return "sdxl" if "xl" in metadata["ss_base_model_version"] else "sd"
+    return "sdxl" if "xl" in base.lower() else "sd"
+
+
+def _steps(info: dict[str, Any], metadata: dict[str, str], events: list[dict[str, Any]]) -> int | None:
+    for value in (info.get("steps"), metadata.get("ss_steps")):
+        if value is not None and str(value).isdigit():
+            return int(value)
+    for event in reversed(events):
+        if event["type"] in ("finished", "step") and isinstance(event.get("step"), int):
+            return event["step"]
+    return None
+
+
+def _latest_samples(
+    run_dir: Path, events: list[dict[str, Any]], cfg: config_mod.TrainConfig | None
+) -> tuple[int | None, list[tuple[str, str]]]:
+    """Images and prompts of the newest sampled step whose files exist (and are uploaded: see sample_files)."""
+    uploaded = {p.relative_to(run_dir).as_posix() for p in sample_files(run_dir)}
+    for event in sorted((e for e in events if e["type"] == "sample"), key=lambda e: e.get("step", 0), reverse=True):
+        pairs = [
+            (Path(image).as_posix(), prompt)
+            for image, prompt in zip(event.get("images", []), event.get("prompts", []), strict=False)
+            if Path(image).as_posix() in uploaded
+        ]
+        if pairs:
+            return event.get("step"), pairs
+    # No events (e.g. a run copied without events.jsonl): take the newest folder, prompts from the config.
+    folders = sorted((run_dir / "samples").glob("step-*"))
+    if not folders:
+        return None, []
+    prompts = cfg.sample_prompts() if cfg else []
+    images = sorted(folders[-1].glob("*.png"), key=lambda p: (len(p.stem), p.stem))
+    pairs = [
+        (p.relative_to(run_dir).as_posix(), prompts[int(p.stem)] if p.stem.isdigit() and int(p.stem) < len(prompts) else "")
+        for p in images
+    ]
+    step = folders[-1].name.removeprefix("step-")
+    return (int(step) if step.isdigit() else None), pairs
+
+
+# -- the card -----------------------------------------------------------------------------------
+def render_model_card(run_dir: str | Path, repo_id: str) -> str:
+    """README.md for `repo_id`: diffusers-style YAML front matter, then usage, settings and loss curve.
+
+    Raises RunNotReadyError when the run has no final LoRA.
+    """
+    run = read_run(run_dir)
+    hub_base = run.hub_base_model
+    data = ModelCardData(
+        base_model=hub_base,  # None (left out) unless it really is a Hub id
+        library_name="diffusers",
+        license=LICENSES[run.kind],
+        tags=["text-to-image", "diffusers", "lora", "template:sd-lora", KIND_TAGS[run.kind], "lora-studio"],
+        instance_prompt=run.trigger or None,
+        widget=[{"text": prompt, "output": {"url": path}} for path, prompt in run.widget_samples] or None,
+    )
+    body = "\n".join(_card_body(run, repo_id, has_loss=bool(_loss_points(run.events))))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
+    family = "Stable Diffusion XL" if run.kind == "sdxl" else "Stable Diffusion 1.x"
+    hub_base = run.hub_base_model
+    if hub_base:
+        base_text = f"[{hub_base}](https://huggingface.co/{hub_base})"
+        pipe_base = hub_base
+    elif run.base.startswith("builtin:"):
+        base_text = f"`{run.base}`, LoRA Studio's tiny built-in test model (it only loads into that model)"
+        pipe_base = "<the base model this LoRA was trained on>"
+    else:
+        # A local folder or file: name it, but do not publish the full local path.
+        base_text = f"a local {family} model (`{Path(run.base).name}`), not on the Hub"
+        pipe_base = "<the base model this LoRA was trained on>"
+    prompt = f"a photo of {run.trigger}" if run.trigger else "a photo"
+    lines = [
+        f"# {run.name}",
+        "",
+        f"A {family} LoRA for {base_text}, trained with LoRA Studio.",
+        "",
+        "## Trigger word",
+        "",
+        f"Use `{run.trigger}` in your prompt to trigger what this LoRA learned." if run.trigger else "This LoRA has no trigger word.",
+        "",
+        "## Use it with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import AutoPipelineForText2Image",
+        "",
+        f'pipe = AutoPipelineForText2Image.from_pretrained("{pipe_base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_WEIGHTS}")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+    ]
+    if run.kohya_file is not None:
+        kohya = run.kohya_file.name
+        lines += [
+            "## Use it in AUTOMATIC1111, Forge or ComfyUI",
+            "",
+            f"Download [`{kohya}`](./{kohya}) (kohya format) into `models/Lora` (A1111, Forge) or "
+            f"`models/loras` (ComfyUI), then write `<lora:{Path(kohya).stem}:1>` in the prompt (A1111, Forge) "
+            "or load it with a LoraLoader node (ComfyUI). "
+            f"`{DIFFUSERS_WEIGHTS}` is the same LoRA in the diffusers/peft layout.",
+            "",
+        ]
+    if run.widget_samples:
+        lines += [f"## Samples (step {run.sample_step})", ""]
+        lines += [f"![{_md(p)}](./{path})" for path, p in run.widget_samples] + [""]
+    lines += ["## Training settings", "", "| Setting | Value |", "|---|---|"]
+    lines += [f"| {_md(k)} | {_md(v)} |" for k, v in _settings_rows(run)]
+    lines += ["", "The complete configuration is in [`config.toml`](./config.toml).", ""]
+    if has_loss:
+        lines += ["## Training loss", "", f"![Training loss]({LOSS_CURVE})", ""]
+    return lines
+
+
+def _settings_rows(run: RunSummary) -> list[tuple[str, str]]:
+    rows = [("base model", run.base if not Path(run.base).is_absolute() else Path(run.base).name)]
+    rows.append(("steps trained", str(run.steps) if run.steps is not None else "unknown"))
+    if run.config is None:
+        return rows
+    cfg = run.config.to_dict()
+    for section in ("data", "lora", "optim"):
+        for name, value in cfg[section].items():
+            dotted = f"{section}.{name}"
+            if dotted in _UNINTERESTING_FIELDS or (name == "custom_targets" and not value):
+                continue
+            rows.append((dotted, _format_value(value)))
+    return rows
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "(none)"
+    return str(value) if value != "" else "(empty)"
+
+
+def _md(text: str) -> str:
+    """Text safe inside a markdown table cell or image alt text."""
+    return str(text).replace("|", "\\|").replace("\n", " ").replace("[", "(").replace("]", ")")
+
+
+# -- the loss curve -------------------------------------------------------------------------------
+def _loss_points(events: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, loss) of the 'step' events; a resumed run re-trains some steps, the newest value wins."""
+    by_step: dict[int, float] = {}
+    for event in events:
+        if event.get("type") == "step" and isinstance(event.get("step"), int):
+            loss = event.get("loss")
+            if isinstance(loss, int | float) and math.isfinite(loss):
+                by_step[event["step"]] = float(loss)
+    return sorted(by_step.items())
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Debiased exponential moving average (what TensorBoard draws); the window grows with the run."""
+    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight else v)
+    return out
+
+
+def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: int = 320) -> bytes:
+    """A PNG line chart of the raw (light) and smoothed (dark) training loss, drawn with PIL."""
+    points = _loss_points(events)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=11)
+    left, right, top, bottom = 56, width - 14, 26, height - 30
+    draw.text((left, 6), "training loss", fill=(30, 30, 30), font=font)
+    if not points:
+        draw.text((left, height // 2), "no loss recorded yet", fill=(120, 120, 120), font=font)
+        return _png(img)
+
+    steps = [s for s, _ in points]
+    raw = [v for _, v in points]
+    smooth = _smooth(raw)
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+    # Clip the top at the 99th percentile so one spike does not flatten the whole curve.
+    lo, hi = min(raw), sorted(raw)[min(len(raw) - 1, int(0.99 * len(raw)))]
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        value = min(max(value, lo), hi)
+        return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (value - lo) / (hi - lo) * (bottom - top))
+
+    for i in range(5):  # horizontal grid with loss labels
+        value = lo + (hi - lo) * i / 4
+        y = xy(s0, value)[1]
+        draw.line([(left, y), (right, y)], fill=(232, 232, 232))
+        draw.text((left - 6, y), f"{value:.3g}", fill=(90, 90, 90), font=font, anchor="rm")
+    labels: dict[int, str] = {}  # step labels under the x axis; the first anchor of a step wins
+    for step, anchor in ((s0, "lt"), (steps[-1], "rt"), ((s0 + steps[-1]) // 2, "mt")):
+        labels.setdefault(step, anchor)
+    for step, anchor in labels.items():
+        draw.text((xy(step, lo)[0], bottom + 6), str(step), fill=(90, 90, 90), font=font, anchor=anchor)
+    draw.text(((left + right) / 2, height - 4), "step", fill=(90, 90, 90), font=font, anchor="mb")
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+
+    stride = max(1, len(points) // (2 * width))  # a few points per pixel column is plenty
+    if len(points) > 1:
+        draw.line([xy(s, v) for s, v in points[::stride]], fill=(160, 190, 235), width=1)
+        draw.line([xy(s, v) for s, v in zip(steps[::stride], smooth[::stride], strict=True)], fill=(25, 70, 170), width=2)
+    else:
+        x, y = xy(steps[0], raw[0])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(25, 70, 170))
+    draw.text((right - 130, 6), "raw", fill=(120, 160, 225), font=font)
+    draw.text((right - 90, 6), "smoothed", fill=(25, 70, 170), font=font)
+    return _png(img)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
