@@ -86,18 +86,18 @@ def _is_main_process() -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from .events import EVENTS_FILENAME, EventWriter
 
-    run_dir, cfg = resolve_config(args)
     main = _is_main_process()
+    if args.resume_from and main:
+        from . import hub
+
+        # First, so the run's own config.toml (pushed with the checkpoint) is what the flags override.
+        path = hub.fetch_checkpoint(args.resume_from, _run_dir(args))
+        print(f"fetched {path.name} from {args.resume_from}")
+    run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)
     if main:
         config_mod.save(cfg, run_dir)
     try:
-        if args.resume_from:
-            from . import hub
-
-            if main:
-                path = hub.fetch_checkpoint(args.resume_from, run_dir)
-                log.info("fetched %s from %s", path.name, args.resume_from)
         from .train import train
 
         result = train(run_dir, cfg)

@@ -247,6 +247,14 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
             info={**info, "steps": step, "epoch": math.ceil(step / plan.steps_per_epoch)}, captions=[i.caption for i in items],
         )
 
+    uploads: list = []  # background checkpoint pushes, joined before the trainer exits
+
+    def wait_for_uploads() -> None:
+        if any(t.is_alive() for t in uploads):
+            log.info("waiting for checkpoint uploads to finish")
+        for thread in uploads:
+            thread.join()
+
     def save_checkpoint(step: int) -> Path:
         """Adapter files + training state into checkpoints/step-N, written aside then renamed into place."""
         from safetensors.torch import save_file
@@ -271,7 +279,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
             log.info("saved checkpoint %s", final.relative_to(run_dir))
             prune = (lambda: _prune_checkpoints(run_dir, out.keep_checkpoints)) if out.keep_checkpoints else None
             if out.push_checkpoints_to:
-                _push_in_background(run_dir, final, out.push_checkpoints_to, then=prune)  # never prune mid-upload
+                uploads.append(_push_in_background(run_dir, final, out.push_checkpoints_to, then=prune))  # never prune mid-upload
             elif prune:
                 prune()
         accelerator.wait_for_everyone()
@@ -427,6 +435,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
             path = save_checkpoint(done)
             events.emit("stopped", step=done, checkpoint=str(path.relative_to(run_dir)))
             log.info("stopped at step %d on request; start again to resume", done)
+            wait_for_uploads()
             progress.close()
             events.close()
             return {"status": "stopped", "step": done, "checkpoint": path}
@@ -448,6 +457,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         save_checkpoint(total_steps)
         render_samples(total_steps)
     files = sorted(str(p.relative_to(run_dir)) for p in final.iterdir()) if main else []
+    wait_for_uploads()
     log.info("finished: %d steps, final loss %.4f, files in %s", total_steps, loss_value, final)
     events.emit("finished", step=total_steps, final="final", files=files, loss=round(loss_value, 6) if math.isfinite(loss_value) else None)
     events.close()
@@ -535,7 +545,7 @@ def _write_model_card(run_dir: Path, name: str) -> None:
         log.warning("could not write README.md: %s", e)
 
 
-def _push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None) -> None:
+def _push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None):
     """Push a checkpoint to the Hub without blocking training; a failure is logged, never raised."""
     import threading
 
@@ -550,7 +560,9 @@ def _push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None) -
         if then:
             then()
 
-    threading.Thread(target=push, name=f"push-{checkpoint.name}", daemon=True).start()
+    thread = threading.Thread(target=push, name=f"push-{checkpoint.name}", daemon=True)
+    thread.start()
+    return thread
 
 
 __all__ = ["train", "TrainingFailed", "latest_checkpoint", "checkpoint_dirs", "DIFFUSERS_FILENAME"]
