@@ -452,10 +452,11 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(tmp, total_steps)
         replace_dir(tmp, final)
-        _write_model_card(run_dir, out.name)
     if start_step < total_steps:  # else this is a finished run started again: its checkpoint and samples exist
         save_checkpoint(total_steps)
         render_samples(total_steps)
+    if main:
+        _write_model_card(run_dir, out.name)  # after the last samples: the card shows them
     files = sorted(str(p.relative_to(run_dir)) for p in final.iterdir()) if main else []
     wait_for_uploads()
     log.info("finished: %d steps, final loss %.4f, files in %s", total_steps, loss_value, final)

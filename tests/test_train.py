@@ -110,6 +110,8 @@ def test_run_folder_has_events_samples_checkpoints_and_both_formats(trained):
     for ckpt in ("step-000025", "step-000050", "step-000075", "step-000100"):
         assert (trained / "checkpoints" / ckpt / "state" / "optimizer.pt").exists()
     assert sorted(p.name for p in (trained / "final").iterdir()) == ["lora_info.json", "my-lora.safetensors", DIFFUSERS_FILENAME]
+    card = (trained / "README.md").read_text()
+    assert "samples/step-000100/0.png" in card and "step-000000" not in card  # the card shows the final samples
 
 
 def test_the_lora_changes_pixels_and_strength_zero_restores_the_base(trained):
