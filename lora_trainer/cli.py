@@ -20,7 +20,6 @@ log = logging.getLogger("lora_trainer")
 # CLI flag -> config field, for the fields people change most.
 COMMON_FLAGS = {
     "base": ("model.base", str),
-    "images": ("data.images", str),
     "trigger": ("data.trigger", str),
     "steps": ("optim.steps", int),
     "rank": ("lora.rank", int),
@@ -33,6 +32,7 @@ COMMON_FLAGS = {
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", help="run folder (holding config.toml); created if needed")
     p.add_argument("--config", help="config.toml to start from (copied into the run folder with the overrides)")
+    p.add_argument("--images", help="images to train on: a folder (captions, kohya N_name folders, metadata.jsonl), a zip or a dataset.toml; copied into RUN/dataset")
     p.add_argument("--out", help="run folder to write to (default: the folder of --config, or RUN)")
     for flag, (dotted, kind) in COMMON_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"sets {dotted}: {config_mod.field_info(dotted)['help']}")
@@ -50,15 +50,32 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConfig]:
-    """The run folder and its config: --config or RUN/config.toml or defaults, then the flag overrides."""
+    """The run folder and its config: --config or RUN/config.toml or defaults, then --images, then the flags.
+
+    --images (a folder, a zip, a kohya layout, loose files) is taken in by intake into RUN/dataset:
+    normalised copies, bad files skipped with a reason (the report is printed), kohya dataset.toml
+    settings applied unless a flag says otherwise.
+    """
     run_dir = _run_dir(args)
     source = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
     cfg = config_mod.load(source) if source.exists() else config_mod.TrainConfig()
+    if args.images:
+        from .errors import DatasetError
+        from .intake import ingest
+
+        try:
+            report = ingest([args.images], run_dir / "dataset", resolution=args.resolution or cfg.data.resolution, trust_toml_paths=True)
+        except DatasetError as e:
+            if e.report is not None:
+                print(e.report.format())
+            raise
+        print(report.format())
+        for dotted, value in report.config_overrides.items():
+            cfg.set(dotted, value)
+        cfg.set("data.images", "dataset")
     for flag, (dotted, _) in COMMON_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            if flag == "images":
-                value = str(Path(value).resolve())  # the config lives elsewhere; keep the path valid there
             cfg.set(dotted, value)
     for assignment in args.set:
         key, sep, value = assignment.partition("=")
@@ -126,7 +143,17 @@ def _crash_hint(e: Exception) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate config and dataset, print the plan; loads no model."""
+    """Validate config and dataset, print the plan; loads no model and changes no run folder."""
+    if not (args.out or args.run or args.config):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lora-check-") as scratch:  # a look at --images needs no run
+            args.out = scratch
+            return _check(args, saved=False)
+    return _check(args, saved=True)
+
+
+def _check(args: argparse.Namespace, saved: bool) -> int:
     from . import dataset as ds
     from .models import TINY_MODELS
 
@@ -139,9 +166,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     plan = ds.make_plan(items, cfg.optim.batch_size, cfg.optim.gradient_accumulation, processes, cfg.optim.steps, cfg.optim.epochs)
     small = [i for i in items if min(i.size) < cfg.data.resolution]
-    print(f"config: ok ({run_dir / config_mod.CONFIG_FILENAME})")
+    config_file = run_dir / config_mod.CONFIG_FILENAME
+    print(f"config: ok ({config_file if saved and config_file.exists() else 'defaults and flags'})")
     print(f"base model: {cfg.model.base}")
-    print(f"images: {len(items)} in {images} ({sum(i.repeats for i in items)} per epoch with repeats)")
+    where = args.images if args.images and not saved else images
+    print(f"images: {len(items)} from {where} ({sum(i.repeats for i in items)} per epoch with repeats)")
     print(f"captions: {sum(1 for i in items if i.caption != cfg.data.trigger)} written, the rest use the trigger '{cfg.data.trigger}'")
     print("buckets: " + ", ".join(f"{w}x{h} ({sum(1 for i in items if i.bucket == (w, h))})" for w, h in buckets))
     print(f"plan: {plan.total_steps} steps, {plan.steps_per_epoch} steps per epoch, {plan.epochs} epochs, batch {cfg.optim.batch_size} x {cfg.optim.gradient_accumulation} accumulation x {processes} process(es)")

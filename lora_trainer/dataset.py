@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DatasetError
+from .intake.captionfiles import iter_images
+from .intake.sources import MAX_REPEATS, REPEATS_RE
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CAPTION_SUFFIXES = (".txt", ".caption")
-REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 @dataclass
@@ -45,9 +44,9 @@ def _caption_for(image: Path) -> str | None:
 def _folder_repeats(image: Path, root: Path) -> int:
     repeats = 1
     for part in image.relative_to(root).parts[:-1]:
-        match = REPEAT_FOLDER.match(part)
-        if match:
-            repeats = max(1, int(match.group(1)))
+        match = REPEATS_RE.match(part)
+        if match and 1 <= int(match.group(1)) <= MAX_REPEATS:  # "2023_holiday" is a date, not 2023 repeats
+            repeats = int(match.group(1))
     return repeats
 
 
@@ -59,9 +58,7 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; upload images first or set data.images")
     items = []
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in path.relative_to(root).parts):
-            continue
+    for path in iter_images(root):
         try:
             with Image.open(path) as im:
                 size = im.size

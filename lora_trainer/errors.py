@@ -17,4 +17,11 @@ class ModelLoadError(LoraStudioError):
 
 
 class DatasetError(LoraStudioError):
-    """The dataset cannot be used for training (no images, unreadable folder, ...)."""
+    """The dataset cannot be used for training (no images, unreadable folder, ...).
+
+    `report` is the intake report (lora_trainer.intake.IntakeReport) when intake raised it.
+    """
+
+    def __init__(self, message: str, report: object | None = None):
+        super().__init__(message)
+        self.report = report

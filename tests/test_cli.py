@@ -86,7 +86,7 @@ def test_check_prints_the_plan_without_loading_a_model(tmp_path):
     run = write_run(tmp_path, optim__steps=0 or 1, optim__epochs=3)
     result = cli("check", str(run), "--set", "model.base=org/not-downloaded-anywhere")
     assert result.returncode == 0, result.stderr
-    assert "images: 4" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
+    assert "images: 4 from" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
     assert "buckets:" in result.stdout
 
 
@@ -149,3 +149,37 @@ def test_two_process_accelerate_run_trains(tmp_path):
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
     weights = load_file(run / "final" / DIFFUSERS_FILENAME)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_check_on_a_messy_zip_prints_the_intake_report_and_the_plan(tmp_path):
+    import zipfile
+
+    images = make_images(tmp_path / "images", 3, sizes=((96, 96),))
+    archive = tmp_path / "phone.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(images.iterdir()):
+            z.write(path, f"DCIM/{path.name}")
+        z.writestr("DCIM/notes.png", b"this is text, not a png")
+        z.writestr("../escape.png", (images / "img000.png").read_bytes())
+        z.writestr("__MACOSX/DCIM/._img000.png", b"\0\5\26\7")
+    result = cli("check", "--images", str(archive), "--resolution", "64")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "3 images will train" in out or "3 image" in out
+    assert "notes.png" in out and "escape.png" in out
+    assert "plan: 1000 steps" in out and "captions: 3 written" in out
+
+
+def test_training_on_a_kohya_folder_honours_its_repeats(tmp_path):
+    make_images(tmp_path / "kohya" / "10_ohwx style", 2, sizes=((64, 64),))
+    make_images(tmp_path / "kohya" / "1_regular", 1, sizes=((80, 64),))
+    run = tmp_path / "run"
+    result = cli(
+        "train", str(run), "--images", str(tmp_path / "kohya"), "--resolution", "64", "--steps", "2",
+        "--set", "sampling.every=0", "--set", "data.bucket_step=16",
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run / "dataset").iterdir() if p.is_dir()) == ["10_ohwx_style", "1_regular"]
+    started = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "started"][0]
+    assert started["plan"]["images"] == 3 and started["plan"]["repeats"] == 21
+    assert config_mod.load(run).data.images == "dataset"
