@@ -133,10 +133,10 @@ class Generator:
 
     def checkpoint_grid(self, run_dir: str | Path, prompts: list[str], *, strength: float = 1.0, **kwargs):
         """Rows: every saved checkpoint (then final); columns: prompts. Pick the step before it overcooks."""
-        from .train import checkpoint_dirs
+        from .checkpoints import checkpoint_dirs
 
         run_dir = Path(run_dir)
-        adapters = [c for c in checkpoint_dirs(run_dir)]
+        adapters = checkpoint_dirs(run_dir)
         if (run_dir / "final" / DIFFUSERS_FILENAME).exists():
             adapters.append(run_dir / "final")
         if not adapters:

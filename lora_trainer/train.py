@@ -12,7 +12,6 @@ step k continues exactly as the uninterrupted run would have, with no RNG state 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,18 +23,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints as ckpts
 from . import config as config_mod
 from . import dataset as ds
 from . import models
+from .checkpoints import latest_checkpoint
 from .errors import LoraStudioError
 from .events import EVENTS_FILENAME, EventWriter, NullWriter
-from .formats import DIFFUSERS_FILENAME, save_lora
-from .fsutil import atomic_write_text, replace_dir
+from .formats import save_lora
+from .fsutil import replace_dir
+from .optimizers import make_optimizer
 
 log = logging.getLogger("lora_trainer.train")
-
-STATE_DIR = "state"
-TRAINER_STATE = "trainer_state.json"
 
 
 class TrainingFailed(LoraStudioError):
@@ -44,21 +43,6 @@ class TrainingFailed(LoraStudioError):
     def __init__(self, message: str, hint: str):
         super().__init__(message)
         self.hint = hint
-
-
-# -- run-folder helpers ----------------------------------------------------------------------------
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder is complete once its trainer_state.json exists)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoint_dirs(run_dir)
-    return found[-1] if found else None
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -217,17 +201,9 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
     start_step, resumed_from = 0, None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        from safetensors.torch import load_file
-
-        adapter = load_file(ckpt / STATE_DIR / "adapter.safetensors")
+        start_step, adapters = ckpts.read_training_state(ckpt, list(trained), optimizer, lr_scheduler)
         for name, model in trained.items():
-            prefix = f"{name}."
-            set_peft_model_state_dict(
-                accelerator.unwrap_model(model), {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
-            )
-        optimizer.load_state_dict(torch.load(ckpt / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
-        lr_scheduler.load_state_dict(torch.load(ckpt / STATE_DIR / "scheduler.pt", weights_only=True))
-        start_step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
+            set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
         resumed_from = str(ckpt.relative_to(run_dir))
         log.info("resumed from %s at step %d", resumed_from, start_step)
 
@@ -257,29 +233,20 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
 
     def save_checkpoint(step: int) -> Path:
         """Adapter files + training state into checkpoints/step-N, written aside then renamed into place."""
-        from safetensors.torch import save_file
-
         final = run_dir / "checkpoints" / f"step-{step:06d}"
         tmp = final.with_name(f".tmp-{final.name}")
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter(tmp, step)
-            (tmp / STATE_DIR).mkdir()
-            adapter = {
-                f"{n}.{k}": v.detach().to("cpu").contiguous()
-                for n, m in trained.items()
-                for k, v in get_peft_model_state_dict(accelerator.unwrap_model(m)).items()
-            }
-            save_file(adapter, tmp / STATE_DIR / "adapter.safetensors")
-            torch.save(optimizer.state_dict(), tmp / STATE_DIR / "optimizer.pt")
-            torch.save(lr_scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
-            atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step, "total_steps": total_steps, "seed": opt.seed}))
+            adapters = {n: get_peft_model_state_dict(accelerator.unwrap_model(m)) for n, m in trained.items()}
+            meta = {"step": step, "total_steps": total_steps, "seed": opt.seed}
+            ckpts.write_training_state(tmp, adapters, optimizer, lr_scheduler, meta)
             replace_dir(tmp, final)
             events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
             log.info("saved checkpoint %s", final.relative_to(run_dir))
-            prune = (lambda: _prune_checkpoints(run_dir, out.keep_checkpoints)) if out.keep_checkpoints else None
+            prune = (lambda: ckpts.prune(run_dir, out.keep_checkpoints)) if out.keep_checkpoints else None
             if out.push_checkpoints_to:
-                uploads.append(_push_in_background(run_dir, final, out.push_checkpoints_to, then=prune))  # never prune mid-upload
+                uploads.append(ckpts.push_in_background(run_dir, final, out.push_checkpoints_to, then=prune))
             elif prune:
                 prune()
         accelerator.wait_for_everyone()
@@ -456,7 +423,7 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         save_checkpoint(total_steps)
         render_samples(total_steps)
     if main:
-        _write_model_card(run_dir, out.name)  # after the last samples: the card shows them
+        ckpts.write_model_card(run_dir, out.name)  # after the last samples: the card shows them
     files = sorted(str(p.relative_to(run_dir)) for p in final.iterdir()) if main else []
     wait_for_uploads()
     log.info("finished: %d steps, final loss %.4f, files in %s", total_steps, loss_value, final)
@@ -506,64 +473,3 @@ def _collate_pixels(rows):
 
     return torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
 
-
-def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float, device):
-    import torch
-
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        if device.type != "cuda":
-            raise config_mod.ConfigError("optim.optimizer = 'adamw8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise config_mod.ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    if name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise config_mod.ConfigError("optim.optimizer = 'prodigy' needs prodigyopt: pip install prodigyopt") from None
-        if lr < 0.1:
-            log.warning("Prodigy adapts its own step size: optim.learning_rate is a multiplier, usually 1.0 (now %g)", lr)
-        return Prodigy(params, lr=lr, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True)
-    raise config_mod.ConfigError(f"unknown optimizer {name!r}")
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_model_card(run_dir: Path, name: str) -> None:
-    """README.md in the run folder: the model card a push would publish. Never fails the run."""
-    try:
-        from .modelcard import render_model_card
-
-        atomic_write_text(run_dir / "README.md", render_model_card(run_dir, name))
-    except Exception as e:  # noqa: BLE001 - a card is a courtesy; the LoRA is already saved
-        log.warning("could not write README.md: %s", e)
-
-
-def _push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None):
-    """Push a checkpoint to the Hub without blocking training; a failure is logged, never raised."""
-    import threading
-
-    def push():
-        from . import hub
-
-        error = hub.push_checkpoint_safely(run_dir, checkpoint, repo, token=os.environ.get("HF_TOKEN"))
-        if error:
-            log.warning("checkpoint push to %s failed: %s", repo, error)
-        else:
-            log.info("pushed %s to %s", checkpoint.name, repo)
-        if then:
-            then()
-
-    thread = threading.Thread(target=push, name=f"push-{checkpoint.name}", daemon=True)
-    thread.start()
-    return thread
-
-
-__all__ = ["train", "TrainingFailed", "latest_checkpoint", "checkpoint_dirs", "DIFFUSERS_FILENAME"]
