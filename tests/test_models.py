@@ -1,0 +1,65 @@
+"""Resolving a base model: every kind of source, and one clear line when it can't be used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_trainer import models
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.tiny import tiny_model_path
+
+
+@pytest.mark.parametrize("spec, kind", [("builtin:tiny-sd", "sd"), ("builtin:tiny-sdxl", "sdxl")])
+def test_builtin_models_resolve_to_a_diffusers_folder(spec, kind):
+    base = models.resolve(spec)
+    assert (base.kind, base.loader, base.is_builtin) == (kind, "pretrained", True)
+    assert (tiny_model_path(spec) / "model_index.json").exists()
+
+
+def test_a_local_diffusers_folder_is_loaded_with_from_pretrained():
+    folder = str(tiny_model_path("builtin:tiny-sdxl"))
+    base = models.resolve(folder)
+    assert (base.kind, base.loader, base.source) == ("sdxl", "pretrained", folder)
+    assert type(models.load_pipeline(base)).__name__ == "StableDiffusionXLPipeline"
+
+
+@pytest.mark.parametrize("key, kind", [("conditioner.embedders.1.model.ln_final.weight", "sdxl"), ("cond_stage_model.transformer.x", "sd")])
+def test_a_single_checkpoint_file_is_recognised_by_its_keys(tmp_path, key, kind):
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(1)}, path)
+    assert models.resolve(str(path)) == models.BaseModel(str(path), kind, str(path), "single_file")
+
+
+@pytest.mark.parametrize(
+    "make, spec, message",
+    [
+        (None, "builtin:tiny-sd3", "unknown built-in model 'builtin:tiny-sd3'"),
+        ("folder", "{tmp}/empty", "has no model_index.json"),
+        ("file", "{tmp}/weights.bin", "is a .bin file; expected .safetensors or .ckpt"),
+        (None, "./models/missing", "base model './models/missing' not found"),
+        (None, "nobody/no-such-model-anywhere", "base model 'nobody/no-such-model-anywhere' could not be loaded: tried a local path"),
+    ],
+)
+def test_unusable_models_give_one_line_naming_them(tmp_path, make, spec, message):
+    spec = spec.format(tmp=tmp_path)
+    if make == "folder":
+        (tmp_path / "empty").mkdir()
+    elif make == "file":
+        (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(ModelLoadError) as err:
+        models.resolve(spec)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lora_targets_that_match_nothing_are_a_clear_error():
+    pipe = models.load_pipeline(models.resolve("builtin:tiny-sd"))
+    config = models.lora_config(4, 4.0, 0.0, ["no_such_layer"], use_dora=False, use_rslora=False)
+    with pytest.raises(ModelLoadError, match="match no layer of the UNet"):
+        models.attach_lora(pipe.unet, config, "UNet")
+
+
+def test_the_tokenizer_loads_without_model_weights():
+    tokenizer = models.load_tokenizer("builtin:tiny-sd")
+    assert tokenizer.model_max_length == 77 and tokenizer.tokenize("a photo")[0] == "a</w>"
