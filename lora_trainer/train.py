@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,7 +84,24 @@ def encode_text(captions: list[str], tokenizers: list, text_encoders: list, kind
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dict[str, Any]:  # noqa: C901 - the algorithm, in order
+def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns {"status": "finished" | "stopped", "step", ...}.
+
+    Raises LoraStudioError subclasses for what the user can fix (TrainingFailed carries a `hint`).
+    The caller's signal handlers are restored afterwards (SIGTERM / Ctrl-C mean "save and stop" only
+    while training).
+    """
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+    try:
+        return _train(Path(run_dir), cfg)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:  # noqa: C901 - the algorithm, in order
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -94,7 +112,6 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
     cfg = cfg or config_mod.load(run_dir)
     data, lcfg, opt, smp, out = cfg.data, cfg.lora, cfg.optim, cfg.sampling, cfg.output
 
@@ -283,13 +300,18 @@ def train(run_dir: str | Path, cfg: config_mod.TrainConfig | None = None) -> dic
         unet.train()
         events.emit("sample", step=step, images=paths, prompts=prompts, seed=smp.seed)
 
-    # -- SIGTERM: finish the current step, save, stop ------------------------------------------------
+    # -- SIGTERM or Ctrl-C: finish the current step, save, stop (a second Ctrl-C aborts) -------------
     stop = {"requested": False}
 
-    def on_sigterm(signum, frame):  # noqa: ARG001
+    def on_stop_signal(signum, frame):  # noqa: ARG001
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         stop["requested"] = True
+        log.info("stop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+        signal.signal(signal.SIGTERM, on_stop_signal)
+        signal.signal(signal.SIGINT, on_stop_signal)
 
     events.emit(
         "started", step=start_step, total_steps=total_steps, base=cfg.model.base, kind=base.kind,

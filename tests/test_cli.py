@@ -99,11 +99,12 @@ def test_an_unknown_model_is_one_line_naming_it(tmp_path):
     assert failed and "./no/such/model" in failed[0]["error"] and failed[0]["hint"]
 
 
-def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_a_checkpoint_and_stops_cleanly(tmp_path, stop_signal):
     run = write_run(tmp_path, optim__steps=100000)
     proc = start("train", str(run))
     wait_for_step(run, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop_signal)
     assert proc.wait(timeout=120) == 0
     stopped = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "stopped"]
     assert stopped and event_types(run)[-1] == "stopped"
