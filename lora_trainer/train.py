@@ -398,6 +398,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
         loss_value = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item() if world > 1 else step_loss
         if not math.isfinite(loss_value):
+            progress.close()
             last = latest_checkpoint(run_dir)
             raise TrainingFailed(
                 f"the loss became {loss_value} at step {step + 1}; training stopped"
