@@ -11,17 +11,46 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .fsutil import atomic_write_text
 
 log = logging.getLogger("lora_trainer.checkpoints")
 
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
+
+# Settings a checkpoint's tensors depend on: a resume with any of them changed cannot load it.
+RESUME_SETTINGS = (
+    "model.base", "lora.rank", "lora.alpha", "lora.targets", "lora.custom_targets", "lora.use_dora",
+    "lora.use_rslora", "lora.train_text_encoder", "optim.optimizer",
+)
+
+
+def resume_settings(cfg) -> dict[str, Any]:
+    return {name: getattr(getattr(cfg, name.split(".")[0]), name.split(".")[1]) for name in RESUME_SETTINGS}
+
+
+def check_resumable(run_dir: Path, cfg) -> Path | None:
+    """The checkpoint a run would resume from, after checking the config still fits it."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    saved = json.loads((checkpoint / TRAINER_STATE).read_text()).get("settings", {})
+    now = resume_settings(cfg)
+    changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"this run's checkpoints ({checkpoint.name}) were trained with other settings: {'; '.join(changed)}. "
+            "Set them back to resume, train into a new run folder to start fresh with the new settings, "
+            f"or delete {checkpoint.parent} to start this run over"
+        )
+    return checkpoint
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -38,8 +67,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def write_training_state(dest: Path, adapters: dict[str, dict[str, Any]], optimizer, lr_scheduler, meta: dict[str, Any]) -> None:
-    """Adapter tensors ({model: peft state dict}), optimizer and scheduler state, then trainer_state.json."""
+def write_training_state(
+    dest: Path, adapters: dict[str, dict[str, Any]], optimizer, lr_scheduler, meta: dict[str, Any], scaler=None
+) -> None:
+    """Adapter tensors ({model: peft state dict}), optimizer, scheduler (and fp16 loss-scaler) state, then
+    trainer_state.json."""
     import torch
     from safetensors.torch import save_file
 
@@ -48,10 +80,14 @@ def write_training_state(dest: Path, adapters: dict[str, dict[str, Any]], optimi
     save_file(flat, dest / STATE_DIR / "adapter.safetensors")
     torch.save(optimizer.state_dict(), dest / STATE_DIR / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), dest / STATE_DIR / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), dest / STATE_DIR / "scaler.pt")
     atomic_write_text(dest / TRAINER_STATE, json.dumps(meta))
 
 
-def read_training_state(checkpoint: Path, model_names: list[str], optimizer, lr_scheduler) -> tuple[int, dict[str, dict[str, Any]]]:
+def read_training_state(
+    checkpoint: Path, model_names: list[str], optimizer, lr_scheduler, scaler=None
+) -> tuple[int, dict[str, dict[str, Any]]]:
     """Restore optimizer and scheduler in place; return the step and the adapter state dict per model."""
     import torch
     from safetensors.torch import load_file
@@ -60,13 +96,16 @@ def read_training_state(checkpoint: Path, model_names: list[str], optimizer, lr_
     adapters = {name: {k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(f"{name}.")} for name in model_names}
     optimizer.load_state_dict(torch.load(checkpoint / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
     lr_scheduler.load_state_dict(torch.load(checkpoint / STATE_DIR / "scheduler.pt", weights_only=True))
+    if scaler is not None and (checkpoint / STATE_DIR / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(checkpoint / STATE_DIR / "scaler.pt", weights_only=True))
     return json.loads((checkpoint / TRAINER_STATE).read_text())["step"], adapters
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
+def prune(run_dir: Path, keep: int, protect: set[Path] = frozenset()) -> None:
+    """Delete all but the newest `keep` checkpoints (never one in `protect`, e.g. waiting to upload)."""
     for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in protect:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_model_card(run_dir: Path, name: str) -> None:
@@ -79,23 +118,44 @@ def write_model_card(run_dir: Path, name: str) -> None:
         log.warning("could not write README.md: %s", e)
 
 
-def push_in_background(run_dir: Path, checkpoint: Path, repo: str, then=None) -> threading.Thread:
-    """Push a checkpoint to the Hub without blocking training; a failure is logged, never raised.
+class Uploader:
+    """Pushes checkpoints to a Hub repo one at a time, in a background thread, without blocking training.
 
-    `then` runs after the push (pruning waits for it, so no checkpoint is deleted mid-upload).
+    A failed push is logged, never raised. Pruning (keep the newest `keep`) happens after each push
+    and spares checkpoints still waiting in the queue.
     """
 
-    def push():
+    def __init__(self, run_dir: Path, repo: str, keep: int = 0):
+        self.run_dir, self.repo, self.keep = run_dir, repo, keep
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._pending: set[Path] = set()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, checkpoint: Path) -> None:
+        self._pending.add(checkpoint)
+        self._queue.put(checkpoint)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
         from . import hub
 
-        error = hub.push_checkpoint_safely(run_dir, checkpoint, repo, token=os.environ.get("HF_TOKEN"))
-        if error:
-            log.warning("checkpoint push to %s failed: %s", repo, error)
-        else:
-            log.info("pushed %s to %s", checkpoint.name, repo)
-        if then:
-            then()
+        while (checkpoint := self._queue.get()) is not None:
+            error = hub.push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
+            if error:
+                log.warning("checkpoint push to %s failed: %s", self.repo, error)
+            else:
+                log.info("pushed %s to %s", checkpoint.name, self.repo)
+            self._pending.discard(checkpoint)
+            if self.keep:
+                prune(self.run_dir, self.keep, protect=set(self._pending))
 
-    thread = threading.Thread(target=push, name=f"push-{checkpoint.name}", daemon=True)
-    thread.start()
-    return thread
+    def close(self) -> None:
+        """Wait for every queued push to finish."""
+        if self._thread is not None:
+            if self._pending:
+                log.info("waiting for %d checkpoint upload(s) to finish", len(self._pending))
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None

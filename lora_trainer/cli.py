@@ -113,6 +113,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)
     if main:
+        from .checkpoints import check_resumable
+
+        check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
         config_mod.save(cfg, run_dir)
     try:
         from .train import train

@@ -62,6 +62,8 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
         try:
             with Image.open(path) as im:
                 size = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated 90 degrees
+                    size = size[::-1]
         except Exception:  # noqa: BLE001 - intake reports bad files; the trainer just skips them
             continue
         caption = _caption_for(path)

@@ -77,10 +77,12 @@ def kohya_metadata(info: dict[str, Any], tag_frequency: dict[str, int]) -> dict[
     """ss_* (kohya / A1111 'additional networks' panel) and modelspec.* (ComfyUI, Stability spec) metadata."""
     kind, res = info["kind"], info["resolution"]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if info["use_dora"] else "networks.lora",
         "ss_network_dim": str(info["rank"]),
         "ss_network_alpha": str(info["kohya_alpha"]),
-        "ss_network_args": json.dumps({"dora": info["use_dora"], "rslora": info["use_rslora"], "alpha": info["alpha"]}),
+        "ss_network_args": json.dumps(
+            {"algo": "lora", "dora_wd": "True"} if info["use_dora"] else {"rslora": info["use_rslora"], "peft_alpha": info["alpha"]}
+        ),
         "ss_base_model_version": BASE_MODEL_VERSION[kind],
         "ss_sd_model_name": info["base"],
         "ss_v2": "False",
@@ -102,7 +104,7 @@ def kohya_metadata(info: dict[str, Any], tag_frequency: dict[str, int]) -> dict[
         "modelspec.title": info["name"],
         "modelspec.trigger_phrase": info["trigger"],
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": info.get("prediction_type", "epsilon"),
+        "modelspec.prediction_type": "v" if info.get("prediction_type") == "v_prediction" else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
     }
     return meta

@@ -35,6 +35,10 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> Path:
     complete folder exists under a name a reader trusts.
     """
     final_dir = Path(final_dir)
+    for path in Path(tmp_dir).rglob("*"):  # on disk before the name says "complete", even after a power cut
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)

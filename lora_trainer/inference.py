@@ -20,6 +20,8 @@ from .formats import DIFFUSERS_FILENAME
 log = logging.getLogger(__name__)
 
 _PIPELINES: dict[tuple[str, str], object] = {}
+_RECENT: dict[tuple[str, str], list[str]] = {}  # per pipeline: adapter names, least recently used first
+MAX_LOADED_LORAS = 8  # per pipeline; the least recently used ones beyond this are unloaded
 _LOCK = threading.Lock()  # one generation at a time per pipeline (diffusers pipelines are not re-entrant)
 
 
@@ -77,6 +79,7 @@ class Generator:
                 dtype = torch.float16 if self.device == "cuda" else torch.float32
                 _PIPELINES[key] = models.load_pipeline(self.base, dtype).to(self.device)
         self.pipe = _PIPELINES[key]
+        self._recent = _RECENT.setdefault(key, [])
         if self.base.is_builtin:
             from .tiny import TINY_RESOLUTION
 
@@ -109,8 +112,20 @@ class Generator:
                         f"{str(e).splitlines()[0][:200]}. Use a LoRA trained on the same model family"
                     ) from None
             names.append(name)
+        self._forget_old_adapters(keep=set(names))
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=[lora.strength for lora in active])
+        for module in (self.pipe.unet, *models.text_encoders(self.pipe)):
+            module.eval()  # freshly loaded LoRA layers start in training mode: their dropout would be live
+
+    def _forget_old_adapters(self, keep: set[str]) -> None:
+        """Unload the least recently used LoRAs beyond MAX_LOADED_LORAS (a checkpoint grid loads many)."""
+        loaded = {n for ns in self.pipe.get_list_adapters().values() for n in ns}
+        self._recent[:] = [n for n in self._recent if n in loaded and n not in keep] + sorted(keep)
+        stale = self._recent[: max(0, len(loaded) - MAX_LOADED_LORAS)]
+        if stale:
+            self.pipe.delete_adapters(stale)
+            del self._recent[: len(stale)]
 
     def generate(
         self, prompt: str, loras: list[LoraSpec] | None = None, *, seed: int = 0, steps: int = 25,

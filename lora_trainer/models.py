@@ -152,12 +152,17 @@ def tokenizers(pipe) -> list:
     return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
 
 
-def lora_config(rank: int, alpha: float, dropout: float, targets: list[str], *, use_dora: bool, use_rslora: bool):
+def lora_config(
+    rank: int, alpha: float, dropout: float, targets: list[str], *, use_dora: bool, use_rslora: bool,
+    layers: list[int] | None = None,
+):
+    """A peft LoraConfig; `layers` limits it to those indices of the model's `layers` list."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
         target_modules=targets, use_dora=use_dora, use_rslora=use_rslora,
+        layers_to_transform=layers, layers_pattern="layers" if layers is not None else None,
     )
 
 

@@ -114,6 +114,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
     cfg = cfg or config_mod.load(run_dir)
     data, lcfg, opt, smp, out = cfg.data, cfg.lora, cfg.optim, cfg.sampling, cfg.output
+    ckpt = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
 
     if opt.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise config_mod.ConfigError("optim.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
@@ -161,8 +162,14 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     models.attach_lora(unet, unet_lora, "UNet")
     trained = {"unet": unet}
     if lcfg.train_text_encoder:
-        te_lora = models.lora_config(lcfg.rank, lcfg.alpha, lcfg.dropout, config_mod.TEXT_ENCODER_TARGETS, use_dora=lcfg.use_dora, use_rslora=lcfg.use_rslora)
         for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False):
+            # SDXL reads text encoder 1's penultimate layer: a LoRA on its last layer would never learn.
+            last_unused = base.kind == "sdxl" and name == "text_encoder"
+            layers = list(range(encoder.config.num_hidden_layers - 1)) if last_unused else None
+            te_lora = models.lora_config(
+                lcfg.rank, lcfg.alpha, lcfg.dropout, config_mod.TEXT_ENCODER_TARGETS,
+                use_dora=lcfg.use_dora, use_rslora=lcfg.use_rslora, layers=layers,
+            )
             models.attach_lora(encoder, te_lora, name.replace("_", " "))
             trained[name] = encoder
     if opt.mixed_precision != "no":
@@ -216,9 +223,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
     # -- resume: adapter weights + optimizer + scheduler from the newest complete checkpoint -----------
     start_step, resumed_from = 0, None
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        start_step, adapters = ckpts.read_training_state(ckpt, list(trained), optimizer, lr_scheduler)
+        start_step, adapters = ckpts.read_training_state(ckpt, list(trained), optimizer, lr_scheduler, accelerator.scaler)
         for name, model in trained.items():
             set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
         resumed_from = str(ckpt.relative_to(run_dir))
@@ -240,13 +246,11 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
             info={**info, "steps": step, "epoch": math.ceil(step / plan.steps_per_epoch)}, captions=[i.caption for i in items],
         )
 
-    uploads: list = []  # background checkpoint pushes, joined before the trainer exits
+    uploader = ckpts.Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints) if out.push_checkpoints_to else None
 
     def wait_for_uploads() -> None:
-        if any(t.is_alive() for t in uploads):
-            log.info("waiting for checkpoint uploads to finish")
-        for thread in uploads:
-            thread.join()
+        if uploader:
+            uploader.close()
 
     def save_checkpoint(step: int) -> Path:
         """Adapter files + training state into checkpoints/step-N, written aside then renamed into place."""
@@ -256,16 +260,15 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
             save_adapter(tmp, step)
             adapters = {n: get_peft_model_state_dict(accelerator.unwrap_model(m)) for n, m in trained.items()}
-            meta = {"step": step, "total_steps": total_steps, "seed": opt.seed}
-            ckpts.write_training_state(tmp, adapters, optimizer, lr_scheduler, meta)
+            meta = {"step": step, "total_steps": total_steps, "seed": opt.seed, "settings": ckpts.resume_settings(cfg)}
+            ckpts.write_training_state(tmp, adapters, optimizer, lr_scheduler, meta, scaler=accelerator.scaler)
             replace_dir(tmp, final)
             events.emit("checkpoint", step=step, path=str(final.relative_to(run_dir)))
             log.info("saved checkpoint %s", final.relative_to(run_dir))
-            prune = (lambda: ckpts.prune(run_dir, out.keep_checkpoints)) if out.keep_checkpoints else None
-            if out.push_checkpoints_to:
-                uploads.append(ckpts.push_in_background(run_dir, final, out.push_checkpoints_to, then=prune))
-            elif prune:
-                prune()
+            if uploader:
+                uploader.submit(final)  # prunes after the push
+            elif out.keep_checkpoints:
+                ckpts.prune(run_dir, out.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
 
@@ -274,7 +277,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     def render_samples(step: int) -> None:
         if not main or smp.every == 0:
             return
-        unet.eval()
+        for model in trained.values():
+            model.eval()  # no LoRA dropout in the samples
         vae.to(device)
         for encoder in text_encoders:
             encoder.to(device)
@@ -297,7 +301,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
         if cache_text and device.type != "cpu":
             for encoder in text_encoders:
                 encoder.to("cpu")
-        unet.train()
+        for model in trained.values():
+            model.train()
         events.emit("sample", step=step, images=paths, prompts=prompts, seed=smp.seed)
 
     # -- SIGTERM or Ctrl-C: finish the current step, save, stop (a second Ctrl-C aborts) -------------
@@ -339,11 +344,11 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
     for step in range(start_step, total_steps):
         started = time.perf_counter()
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for micro in range(opt.gradient_accumulation):
+            pixels, latents, batch = next(data_iter)  # first: a DataLoader draws its own seed when it starts
             torch.manual_seed(_step_seed(opt.seed, step, micro, rank))  # LoRA dropout and every draw below
             rng = random.Random(_step_seed(opt.seed, step, micro, rank))
-            pixels, latents, batch = next(data_iter)
             with accelerator.accumulate(*models_list):
                 if latents is None:  # not cached: encode this batch now
                     with torch.no_grad():
@@ -394,9 +399,10 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().item() / opt.gradient_accumulation
+            step_loss += loss.detach().float() / opt.gradient_accumulation
 
-        loss_value = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item() if world > 1 else step_loss
+        # One host sync per step (not per micro-batch): the loss for the events and the NaN check.
+        loss_value = (accelerator.reduce(step_loss, "mean") if world > 1 else step_loss).item()
         if not math.isfinite(loss_value):
             progress.close()
             last = latest_checkpoint(run_dir)
@@ -457,8 +463,12 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
 
 def _adapter_config(model) -> dict[str, Any]:
-    """The peft LoraConfig as plain data: what diffusers stores next to the weights."""
+    """The peft LoraConfig as plain data: what diffusers stores next to the weights.
+
+    Dropout is a training-time setting: saved as 0 so nobody generates with it switched on.
+    """
     config = model.peft_config["default"].to_dict()
+    config["lora_dropout"] = 0.0
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 

@@ -113,8 +113,12 @@ def test_a_stop_signal_saves_a_checkpoint_and_stops_cleanly(tmp_path, stop_signa
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == stopped[0]["step"]
 
 
-def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    settings = dict(optim__steps=24, output__save_every=6, data__flip=True, data__shuffle_captions=True, lora__dropout=0.1)
+@pytest.mark.parametrize("cache_latents", [True, False], ids=["cached", "uncached"])
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, cache_latents):
+    settings = dict(
+        optim__steps=24, output__save_every=6, data__flip=True, data__shuffle_captions=True, lora__dropout=0.1,
+        data__cache_latents=cache_latents,
+    )
     reference = write_run(tmp_path, "reference", **settings)
     assert cli("train", str(reference)).returncode == 0
 
@@ -135,9 +139,12 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_two_process_accelerate_run_trains(tmp_path):
+@pytest.mark.parametrize(
+    "settings", [{}, {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True}], ids=["sd", "sdxl+text-encoder"]
+)
+def test_two_process_accelerate_run_trains(tmp_path, settings):
     """accelerate's --cpu flag always starts one process; --multi_gpu uses torch.distributed, gloo on a CPU box."""
-    run = write_run(tmp_path, optim__steps=4, optim__batch_size=1)
+    run = write_run(tmp_path, optim__steps=4, optim__batch_size=1, **settings)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run)],
@@ -184,3 +191,14 @@ def test_training_on_a_kohya_folder_honours_its_repeats(tmp_path):
     started = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "started"][0]
     assert started["plan"]["images"] == 3 and started["plan"]["repeats"] == 21
     assert config_mod.load(run).data.images == "dataset"
+
+
+def test_changing_what_the_checkpoints_depend_on_is_refused_by_name(tmp_path):
+    run = write_run(tmp_path, optim__steps=2)
+    assert cli("train", str(run)).returncode == 0
+    before = (run / "config.toml").read_text()
+    result = cli("train", str(run), "--rank", "8", "--steps", "4")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lora.rank was 4, now 8" in result.stderr and "new run folder" in result.stderr
+    assert (run / "config.toml").read_text() == before  # the run's own config is kept
+    assert cli("train", str(run), "--steps", "4").returncode == 0  # a longer run of the same settings resumes

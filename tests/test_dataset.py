@@ -102,3 +102,20 @@ def test_caption_shuffle_keeps_the_leading_tags(caption, keep, expected_head):
 def test_caption_dropout_empties_some_captions():
     outs = [ds.process_caption("ohwx, a", random.Random(s), shuffle=False, keep_tokens=1, dropout=0.5) for s in range(200)]
     assert 50 < outs.count("") < 150 and outs.count("ohwx, a") + outs.count("") == 200
+
+
+def test_a_rotated_phone_photo_is_bucketed_by_how_it_is_seen(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    image = Image.new("RGB", (96, 64), "red")  # stored landscape, EXIF says: rotate to portrait
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(folder / "phone.jpg", exif=exif)
+    items = ds.scan(folder, "t")
+    ds.assign_buckets(items, 64, 16, enabled=True)
+    assert items[0].size == (64, 96)
+    assert items[0].bucket[0] < items[0].bucket[1]
+    pixels, _ = ds.load_pixels(items[0], flip=False)
+    assert pixels.shape[1] > pixels.shape[2]

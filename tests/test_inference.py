@@ -63,3 +63,18 @@ def test_lora_specs_parse_an_optional_strength(text, path, strength):
 def test_a_missing_lora_says_what_to_give(tmp_path):
     with pytest.raises(LoraStudioError, match="no LoRA found"):
         resolve_lora_file(tmp_path / "nothing")
+
+
+def test_a_long_session_keeps_only_the_most_recent_loras_loaded(two_runs, monkeypatch):
+    import lora_trainer.inference as inference
+
+    monkeypatch.setattr(inference, "MAX_LOADED_LORAS", 2)
+    gen = Generator("builtin:tiny-sd")
+    files = [two_runs[0] / "checkpoints" / c / "pytorch_lora_weights.safetensors" for c in ("step-000010", "step-000020")]
+    files += [two_runs[1] / "final" / "pytorch_lora_weights.safetensors"]
+    first = image(gen, [LoraSpec(str(files[0]), 1.0)])
+    for f in files[1:]:
+        image(gen, [LoraSpec(str(f), 1.0)])
+    loaded = {n for ns in gen.pipe.get_list_adapters().values() for n in ns}
+    assert len(loaded) == 2
+    assert np.array_equal(image(gen, [LoraSpec(str(files[0]), 1.0)]), first)  # reloaded on demand, same image

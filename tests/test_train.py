@@ -147,8 +147,9 @@ def test_kohya_file_has_true_alpha_names_and_metadata(trained):
         {"lora__use_rslora": True, "lora__rank": 4, "lora__alpha": 2.0},
         {"lora__use_dora": True},
         {"lora__train_text_encoder": True, "lora__text_encoder_lr": 5e-4, "lora__targets": "attention+ff"},
+        {"lora__dropout": 0.5, "lora__train_text_encoder": True},
     ],
-    ids=["rslora", "dora", "text-encoder+ff"],
+    ids=["rslora", "dora", "text-encoder+ff", "dropout"],
 )
 def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
     run = run_training(tmp_path, sampling__every=10, **variant)
