@@ -153,7 +153,7 @@ def test_kohya_file_has_true_alpha_names_and_metadata(trained):
 )
 def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
     run = run_training(tmp_path, sampling__every=10, **variant)
-    # diffusers' kohya loader drops DoRA's dora_scale (it says so); A1111/ComfyUI read it, so check its layout instead.
+    # diffusers' kohya loader drops DoRA's dora_scale (it says so); ComfyUI reads it, so check its layout instead.
     files = [DIFFUSERS_FILENAME] if variant.get("lora__use_dora") else [DIFFUSERS_FILENAME, "my-lora.safetensors"]
     for file in files:
         assert np.abs(reload_image(run, file) - final_sample(run)).max() <= 1, file
