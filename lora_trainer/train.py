@@ -151,6 +151,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     unet, vae = pipe.unet, pipe.vae
     tokenizers, text_encoders = models.tokenizers(pipe), models.text_encoders(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
     unet.to(device, dtype=weight_dtype)
@@ -376,7 +377,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
 
                 added = None
                 if base.kind == "sdxl":
-                    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+                    h, w = latents.shape[-2] * vae_scale, latents.shape[-1] * vae_scale
                     time_ids = torch.tensor(
                         [[items[i].size[1], items[i].size[0], *crop, h, w] for (i, _), crop in zip(batch["samples"], batch["top_left"], strict=True)],
                         device=device, dtype=embeds.dtype,
@@ -422,7 +423,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
             sec_per_step=round(sec_per_step, 4), eta_seconds=round(sec_per_step * (total_steps - done), 1), memory=_memory() if main else {},
         )
 
-        stop_now = stop["requested"]
+        stop_now = stop["requested"] and done < total_steps  # on the last step, just finish
         if world > 1:
             if stop_now:
                 accelerator.set_trigger()
