@@ -1,0 +1,393 @@
+"""Train: presets, every config field (generated from the config's metadata), Check, Start / Stop /
+Resume, and the live view (step, ETA, loss, samples, memory) driven by a gr.Timer."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ... import config as config_mod
+from ...errors import ConfigError
+from .. import fields, jobs, presets, system
+from ..common import Shared, code, md_escape, skip_all, user_errors
+from ..header import run_picker
+from ..monitor import RunMonitor, Status, console_tail, format_duration, run_status
+from ..workspace import DATASET, Session, servable
+
+BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
+SHARED_FIELDS = {"model.base", "data.trigger"}  # their controls live at the top of the page and on the Captions tab
+POLL_SECONDS = 1.0
+STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "⏸️", "finished": "✅", "stopped": "⏸️",
+                "failed": "❌", "interrupted": "⚠️"}
+
+
+class TrainTab:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        initial = presets.PRESETS[presets.DEFAULT_PRESET].settings(system.default_base())
+        self.settings: dict[str, gr.components.Component] = {"model.base": shared.base, "data.trigger": shared.trigger}
+        with gr.Tab("3 · Train", id="train"):
+            with gr.Row(equal_height=True):
+                self.preset = gr.Radio([*presets.PRESETS, presets.CUSTOM], value=presets.DEFAULT_PRESET, label="Preset", scale=2)
+                self.preset_note = gr.Markdown(presets.describe(presets.DEFAULT_PRESET), scale=3)
+            with gr.Row():
+                for dotted in BASIC_FIELDS:
+                    self.settings[dotted] = fields.control(dotted, min_width=150, **_value(initial, dotted))
+            with gr.Accordion("Advanced: every setting", open=False):
+                gr.Markdown("The base model is picked at the top of the page and the trigger word on the Captions tab. "
+                            "Each setting's help comes from the trainer's own config (lora_trainer/config.py).")
+                for section in config_mod.SECTIONS:
+                    names = [n for n in config_mod.field_names()
+                             if n.startswith(section + ".") and n not in SHARED_FIELDS and n not in BASIC_FIELDS]
+                    if not names:
+                        continue
+                    gr.Markdown(f"#### {fields.SECTION_TITLES[section]}")
+                    # switches in a row of their own: squeezed between text fields they shrink to a sliver
+                    switches = [n for n in names if config_mod.field_info(n)["type"] == "bool"]
+                    for group in ([n for n in names if n not in switches], switches):
+                        if group:
+                            with gr.Row():
+                                for dotted in group:
+                                    self.settings[dotted] = fields.control(dotted, min_width=260, scale=1,
+                                                                           **_value(initial, dotted))
+            with gr.Row():
+                self.check = gr.Button("Check", variant="secondary", elem_id="check-run")
+                self.start = gr.Button("Start training", variant="primary", elem_id="start-training")
+                self.stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-training")
+                self.resume = gr.Button("Resume", interactive=False, elem_id="resume-training")
+            self.check_report = gr.Markdown()
+            self.status = gr.Markdown("Add images, then press **Check** to see the plan, then **Start training**.",
+                                      elem_classes=["train-status"], elem_id="train-status")
+            with gr.Row(equal_height=False):
+                self.loss = gr.LinePlot(
+                    x="step", y="loss", color="series", label="Loss", scale=3, color_title="",
+                    caption="Blue: the loss of each step (noisy by nature). Orange: smoothed; it should drift down.",
+                    color_map={"raw": "#a3b8d6", "smoothed": "#e8590c"}, x_title="step", y_title="loss", elem_id="loss-plot",
+                )
+                self.samples = gr.Gallery(label="Samples (same prompts and seed), newest step first",
+                                          columns=3, height=340, object_fit="contain", scale=2, elem_id="samples")
+            with gr.Row(equal_height=False):
+                self.memory = gr.Markdown()
+                self.files = gr.File(label="Your LoRA: diffusers and kohya (A1111 / ComfyUI) formats",
+                                     file_count="multiple", interactive=False)
+            with gr.Accordion("Console output", open=False):
+                self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True)
+            # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
+            self.timer = gr.Timer(POLL_SECONDS, active=False)
+        self.view = [self.status, self.loss, self.samples, self.memory, self.files, self.console, self.timer,
+                     shared.run, self.start, self.stop, self.resume]
+
+    def wire(self) -> None:
+        s, session = self.settings, self.shared.session
+        self.check.click(check_run, [session], [self.check_report], inputs_kwargs=s, api_name="check_run")
+        self.start.click(start_training, [session], self.view, inputs_kwargs=s, api_name="start_training")
+        self.stop.click(stop_training, [session], self.view, api_name="stop_training")
+        self.resume.click(resume_training, [session], self.view, api_name="resume_training")
+        self.timer.tick(poll, [session], self.view, api_name="poll", show_progress="hidden", concurrency_limit=None)
+        preset_targets = [self.preset_note, self.shared.caption_style, *(s[n] for n in presets.FIELDS)]
+        self.preset.change(apply_preset, [self.preset, self.shared.base], preset_targets, api_visibility="private")
+        # .input, not .change: only a person's pick adapts the resolution, not a run's saved settings arriving
+        self.shared.base.input(apply_base, [self.shared.base, self.preset],
+                               [s["data.resolution"], s["data.bucket_step"]], api_visibility="private")
+        names = list(s)
+        self.shared.on_run_change(lambda session: saved_settings(session, names), [session], [s[n] for n in names])
+        self.shared.on_run_change(full_view, [session], self.view)
+
+
+def apply_preset(name: str, base: str) -> tuple:
+    """A preset's values into the form (and its caption style into the Captions tab)."""
+    preset = presets.PRESETS.get(name)
+    if preset is None:
+        return (presets.describe(name), *skip_all(1 + len(presets.FIELDS)))
+    values = preset.settings(base)
+    return (presets.describe(name), preset.caption_style, *(values[n] for n in presets.FIELDS))
+
+
+def apply_base(base: str, preset_name: str) -> tuple:
+    """Resolution and bucket step that suit the base model (the tiny ones train at 64 px)."""
+    if system.is_tiny(base):
+        return system.TINY_RESOLUTION, system.TINY_BUCKET_STEP
+    preset = presets.PRESETS.get(preset_name) or presets.PRESETS[presets.DEFAULT_PRESET]
+    values = preset.settings(base)
+    return values["data.resolution"], values["data.bucket_step"]
+
+
+def saved_settings(session: Session, names: list[str]) -> tuple:
+    """The form as the current run was trained (a reload, or another run picked); untouched for a new run."""
+    run = session.current()
+    if run is None or not (run / config_mod.CONFIG_FILENAME).exists():
+        return skip_all(len(names))
+    try:
+        cfg = config_mod.load(run)
+    except ConfigError:
+        return skip_all(len(names))
+    return tuple(fields.from_config(cfg, name) for name in names)
+
+
+def _value(initial: dict[str, Any], dotted: str) -> dict[str, Any]:
+    return {"value": initial[dotted]} if dotted in initial else {}
+
+
+def build(shared: Shared) -> TrainTab:
+    tab = TrainTab(shared)
+    tab.wire()
+    return tab
+
+
+# -- settings -> config ------------------------------------------------------------------------------
+def build_config(run: Path, settings: dict[str, Any]) -> tuple[config_mod.TrainConfig, list[str]]:
+    """The config the form describes, with what the UI decides for the user noted."""
+    notes = []
+    settings = dict(settings)
+    base = str(settings.get("model.base") or "").strip()
+    if not base:
+        raise ConfigError("Pick a base model at the top of the page.")
+    if system.is_tiny(base):
+        if (settings.get("data.resolution"), settings.get("data.bucket_step")) != (system.TINY_RESOLUTION, system.TINY_BUCKET_STEP):
+            notes.append(f"the built-in tiny model trains at {system.TINY_RESOLUTION} px (bucket step {system.TINY_BUCKET_STEP})")
+        settings["data.resolution"], settings["data.bucket_step"] = system.TINY_RESOLUTION, system.TINY_BUCKET_STEP
+    images = Path(str(settings.get("data.images") or DATASET))
+    if images.is_absolute() or not (run / images).resolve().is_relative_to(run.resolve()):
+        raise ConfigError("data.images must be a folder inside the run (normally 'dataset'); uploaded images live there.")
+    cfg = fields.to_config(settings)
+    cfg.model.base = base
+    return cfg, notes
+
+
+def _dataset_ready(session: Session) -> Path:
+    run = session.current()
+    if run is None or not any(p.is_file() for p in (run / DATASET).rglob("*")):
+        raise gr.Error("This run has no images yet: add some on the Upload tab first.")
+    return run
+
+
+# -- Check -------------------------------------------------------------------------------------------------
+# Rough seconds per optimizer step at batch 1 on a 24 GB GPU (A10G class) at the family's native
+# resolution, and per denoising step of a sample image; the tiny model's figures are 2 CPU cores.
+GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
+GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
+TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS = 0.04, 0.02
+
+
+def estimate_seconds(cfg: config_mod.TrainConfig, total_steps: int) -> float | None:
+    """A rough duration of the run, or None where it would take days (a real model on a CPU)."""
+    family = system.base_family(cfg.model.base)
+    if system.is_tiny(cfg.model.base):
+        per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10
+    elif system.has_gpu():
+        seconds, native = GPU_STEP_SECONDS[family]
+        per_step = seconds * (cfg.data.resolution / native) ** 2
+        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[family], 60
+    else:
+        return None
+    per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
+    renders = (total_steps // cfg.sampling.every + 1) if cfg.sampling.every else 0
+    sampling = renders * len(cfg.sample_prompts()) * cfg.sampling.steps * per_sample_step
+    return overhead + total_steps * per_step + sampling
+
+
+@user_errors
+def check_run(session: Session, **settings: Any) -> str:
+    """The pre-flight check: dataset, plan and an estimate, without loading a model."""
+    run = _dataset_ready(session)
+    cfg, notes = build_config(run, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = config_mod.save(cfg, Path(tmp) / config_mod.CONFIG_FILENAME)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lora_trainer", "check", str(run), "--config", str(path)],
+            capture_output=True, text=True, timeout=300, cwd=jobs.PROJECT_ROOT, env=jobs.trainer_env(),
+        )
+    if proc.returncode != 0:
+        error = (proc.stderr.strip().splitlines() or ["the check failed without a message"])[-1].removeprefix("error: ")
+        raise gr.Error(f"The check found a problem: {error}", duration=None, print_exception=False)
+    plan = proc.stdout.replace(str(run), "<run>").strip()
+    match = re.search(r"plan: (\d+) steps", plan)
+    lines = ["#### Check passed", f"```\n{plan}\n```"]
+    if match:
+        seconds = estimate_seconds(cfg, int(match.group(1)))
+        lines.append(f"**Estimated time:** about {format_duration(seconds)} (rough: it depends on the GPU)." if seconds
+                     else "**Estimated time:** days on this CPU. Real models need a GPU; use a built-in tiny model to try things here.")
+    if notes:
+        lines.append("Note: " + "; ".join(notes) + ".")
+    return "\n\n".join(lines)
+
+
+# -- Start / Stop / Resume -----------------------------------------------------------------------------
+@user_errors
+def start_training(session: Session, **settings: Any) -> tuple:
+    run = _dataset_ready(session)
+    job = jobs.MANAGER.get(run)
+    if job is not None and job.active:
+        raise gr.Error("This run is already training (or waiting in line). Stop it first, or make a New run.")
+    from ...train import latest_checkpoint
+
+    done = latest_checkpoint(run)
+    if done is not None or (run / "final").is_dir():
+        raise gr.Error(
+            "This run already has training progress. Press **Resume** to continue it with its saved settings, or "
+            "**New run** (at the top, with 'Copy images & captions') to train again with new settings.",
+            duration=None, print_exception=False,
+        )
+    cfg, notes = build_config(run, settings)
+    if not system.is_tiny(cfg.model.base) and not system.has_gpu():
+        notes.append("there is no GPU here: a real model trains for days on a CPU (Stop keeps what is done)")
+    (run / "events.jsonl").unlink(missing_ok=True)  # a run that failed before its first checkpoint starts clean
+    config_mod.save(cfg, run)
+    jobs.MANAGER.submit(run)
+    for note in notes:
+        gr.Info(f"Note: {note}.")
+    return full_view(session)
+
+
+@user_errors
+def stop_training(session: Session) -> tuple:
+    run = session.current()
+    outcome = jobs.MANAGER.stop(run) if run else "idle"
+    message = {"stopping": "Stopping: the trainer saves a checkpoint after this step; Resume continues from it.",
+               "cancelled": "Taken out of the line; nothing was trained.",
+               "idle": "Nothing is running in this run."}[outcome]
+    gr.Info(message)
+    return full_view(session)
+
+
+@user_errors
+def resume_training(session: Session) -> tuple:
+    run = session.current()
+    if run is None or not (run / config_mod.CONFIG_FILENAME).exists():
+        raise gr.Error("Nothing to resume in this run: press Start training.")
+    job = jobs.MANAGER.get(run)
+    if job is not None and job.active:
+        raise gr.Error("This run is already training (or waiting in line).")
+    jobs.MANAGER.submit(run)
+    return full_view(session)
+
+
+# -- the live view ---------------------------------------------------------------------------------------
+def _monitor(session: Session, run: Path) -> RunMonitor:
+    monitors = session.cache.setdefault("monitors", {})
+    if run.name not in monitors:
+        monitors[run.name] = RunMonitor(run)
+    return monitors[run.name]
+
+
+def poll(session: Session) -> tuple:
+    """The timer's tick: new events only; unchanged parts of the page are not sent again."""
+    return _render(session, force=False)
+
+
+def full_view(session: Session) -> tuple:
+    return _render(session, force=True)
+
+
+def _render(session: Session, *, force: bool) -> tuple:
+    run = session.current()
+    if run is None:
+        return ("Add images on the Upload tab to begin.", None, [], "", None, "", gr.Timer(active=False), gr.skip(),
+                gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=False))
+    monitor = _monitor(session, run)
+    monitor.update()
+    status = run_status(monitor, jobs.MANAGER)
+    console = run / jobs.CONSOLE_LOG
+    key = (run.name, monitor.offset, status, console.stat().st_size if console.exists() else 0)
+    previous = session.cache.get("rendered")
+    if not force and previous == key:
+        return skip_all(len(_VIEW_FIELDS))
+    session.cache["rendered"] = key
+    state_changed = previous is None or previous[0] != key[0] or previous[2] != status
+    has_progress = bool(monitor.checkpoints) or (run / "checkpoints").is_dir() or (run / "final").is_dir()
+    return (
+        status_markdown(monitor, status),
+        loss_frame(monitor),
+        gr.update(value=monitor.sample_items(), columns=max(1, len(next(iter(monitor.samples.values()), [None] * 3)))),
+        memory_markdown(monitor),
+        final_files(run),
+        console_tail(run, 200) if console.exists() else "",
+        gr.Timer(active=status.active),
+        run_picker(session) if state_changed else gr.skip(),  # its label shows the state
+        gr.update(interactive=not status.active and not has_progress),
+        gr.update(interactive=status.active),
+        gr.update(interactive=not status.active and status.state in ("stopped", "interrupted", "failed") and has_progress),
+    )
+
+
+_VIEW_FIELDS = ("status", "loss", "samples", "memory", "files", "console", "timer", "run", "start", "stop", "resume")
+
+
+def status_markdown(monitor: RunMonitor, status: Status) -> str:
+    icon = STATUS_ICONS.get(status.state, "")
+    total = monitor.total_steps
+    progress = f"step {monitor.step} / {total}" if total else f"step {monitor.step}"
+    if status.state == "queued":
+        return (f"{icon} **Waiting in line: number {status.queue_position}.** One training job runs at a time on this "
+                "machine; yours starts by itself when the one ahead ends. You can close this page and come back.")
+    if status.state == "running" and (monitor.started is None or monitor.terminal is not None):
+        # no `started` event from this attempt yet (a resumed run still shows its last one)
+        return f"{icon} **Starting**: loading the base model and preparing the images…"
+    if status.state in ("running", "stopping"):
+        last = monitor.last_step or {}
+        parts = [progress]
+        if last:
+            parts += [f"ETA {format_duration(last.get('eta_seconds'))}", f"{last.get('sec_per_step', 0):.2f} s/step",
+                      f"loss {last.get('loss', 0):.4f}"]
+        verb = "Stopping (saving a checkpoint after this step)" if status.state == "stopping" else "Training"
+        return f"{icon} **{verb}**: " + " · ".join(parts)
+    if status.state == "finished":
+        return (f"{icon} **Finished: {progress}.** Download the files below, try the LoRA on the Generate tab, "
+                "or publish it.")
+    if status.state == "stopped":
+        return f"{icon} **Stopped at {progress}.** A checkpoint is saved: press **Resume** to continue from it."
+    if status.state == "interrupted":
+        return (f"{icon} **Interrupted at {progress}** (the app restarted while it trained). "
+                "Press **Resume** to continue from the last checkpoint.")
+    if status.state == "failed":
+        text = f"{icon} **Training failed** ({progress}).\n\n**Error:** {md_escape(status.error)}"
+        if status.hint and "\n" in status.hint:  # a console tail: the trainer died without saying why
+            return text + f"\n\n**Last lines of the console:**\n```\n{status.hint}\n```"
+        return text + (f"\n\n**What to do:** {md_escape(status.hint)}" if status.hint else "")
+    return "🟦 Ready. Press **Check** to see the plan, then **Start training**."
+
+
+def loss_frame(monitor: RunMonitor):
+    """The loss plot's data, or None before the first step.
+
+    Never an empty frame: the plot fixes its axis types and series colours from the first data it
+    gets, and an empty frame would leave it with category axes and invisible lines.
+    """
+    import pandas as pd
+
+    rows = monitor.loss_rows()
+    if not rows:
+        return None
+    return pd.DataFrame({
+        "step": pd.Series([r[0] for r in rows], dtype="int64"),
+        "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+        "series": pd.Series([r[2] for r in rows], dtype="string"),
+    })
+
+
+def memory_markdown(monitor: RunMonitor) -> str:
+    import psutil
+
+    memory = (monitor.last_step or {}).get("memory") or {}
+    machine = psutil.virtual_memory()
+    parts = []
+    if "rss_gb" in memory:
+        parts.append(f"trainer RAM {memory['rss_gb']:.2f} GB")
+    if "gpu_gb" in memory:
+        parts.append(f"GPU peak {memory['gpu_gb']:.2f} GB")
+    parts.append(f"machine RAM {machine.used / 2**30:.1f} / {machine.total / 2**30:.1f} GB")
+    device = (monitor.started or {}).get("device")
+    return "**Memory:** " + " · ".join(parts) + (f"  \n**Device:** {code(device)}" if device else "")
+
+
+def final_files(run: Path) -> list[str] | None:
+    final = run / "final"
+    if not final.is_dir():
+        return None
+    return [servable(p) for p in sorted(final.iterdir()) if p.is_file() and not p.name.startswith(".")] or None

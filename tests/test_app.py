@@ -1,0 +1,491 @@
+"""The web app driven through its HTTP API with gradio_client, as a browser session would.
+
+The app runs in this process on a free port, with its workspace, model cache and Hub endpoint
+(tests/fake_hub.py) in temporary places. Training is the real trainer in a subprocess on
+builtin:tiny-sd at 64 px for 10 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from conftest import make_images
+from fake_hub import WRITE_TOKEN, FakeHub
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from lora_trainer import config as config_mod
+from lora_trainer.ui import build_app, launch_options, queue, system
+
+pytestmark = pytest.mark.slow
+API_VIEW = ("status", "loss", "samples", "memory", "files", "console", "timer", "run")  # the live view (buttons are not API values)
+TINY_TRAINING = {"optim.steps": 10, "sampling.every": 5, "sampling.steps": 2, "output.save_every": 5, "lora.rank": 4,
+                 "optim.learning_rate": 1e-3, "output.name": "stripes"}
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with FakeHub() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+def serve(mp: pytest.MonkeyPatch, workspace: Path, hub_url: str, hf_home: Path) -> tuple[gr.Blocks, str]:
+    """Launch the app in this process on a free port: no GPU, the given Hub, no token on this machine."""
+    import huggingface_hub
+
+    from lora_trainer import hub as hub_mod
+
+    mp.setenv("LORA_STUDIO_WORKSPACE", str(workspace))
+    mp.setenv("LORA_STUDIO_GPU", "0")
+    mp.setenv("HF_ENDPOINT", hub_url)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SPACE_ID", "OAUTH_CLIENT_ID"):
+        mp.delenv(name, raising=False)
+    mp.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(hf_home / "no-token"))
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "cache"))
+    mp.setattr(hub_mod, "RETRY_BASE_DELAY", 0.0)
+    system.has_gpu.cache_clear()
+    demo = queue(build_app())
+    port = _free_port()
+    demo.launch(**launch_options(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True))
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def app(hub, workspace, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    demo, url = serve(mp, workspace, hub.url, tmp_path_factory.mktemp("hf"))
+    yield demo, url
+    demo.close()
+    mp.undo()
+    system.has_gpu.cache_clear()
+
+
+@pytest.fixture
+def url(app) -> str:
+    return app[1]
+
+
+def new_client(url: str, tmp_path: Path) -> Client:
+    downloads = tmp_path / f"downloads-{time.monotonic_ns()}"
+    downloads.mkdir()
+    return Client(url, verbose=False, download_files=str(downloads))
+
+
+def upload_images(client: Client, folder: Path) -> tuple:
+    files = [handle_file(str(p)) for p in sorted(folder.iterdir())]
+    return client.predict(files, system.TINY_SD, api_name="/upload")
+
+
+def merge(view: dict, result: tuple) -> dict:
+    """Fold one answer of the live view into what the page shows (gr.skip() leaves a part as it was)."""
+    for name, value in zip(API_VIEW, result, strict=True):
+        if not (isinstance(value, dict) and set(value) == {"__type__"}):
+            view[name] = value
+    return view
+
+
+def start(client: Client, endpoint: str = "/start_training", **settings) -> dict:
+    return merge({}, client.predict(**settings, api_name=endpoint))
+
+
+def poll_until(client: Client, *words: str, view: dict | None = None, timeout: float = 240) -> dict:
+    """Poll like the page's timer until the status mentions one of `words`; the merged view."""
+    view = dict(view or {})
+    deadline = time.monotonic() + timeout
+    while not any(w in str(view.get("status", "")) for w in words):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"status never mentioned {words}; last: {view.get('status')}")
+        merge(view, client.predict(api_name="/poll"))
+        time.sleep(0.2)
+    return view
+
+
+def session_dirs(workspace: Path) -> set[Path]:
+    return {p for p in workspace.iterdir() if p.is_dir()}
+
+
+def current_run(client: Client) -> str:
+    return client.predict(api_name="/list_runs")["value"]
+
+
+@pytest.fixture(scope="module")
+def trained(app, workspace, tmp_path_factory):
+    """A session that uploaded four images and trained the tiny LoRA to the end."""
+    tmp = tmp_path_factory.mktemp("trained")
+    before = session_dirs(workspace)
+    client = new_client(app[1], tmp)
+    upload_images(client, make_images(tmp / "images", 4))
+    view = poll_until(client, "Finished", "failed", view=start(client, **TINY_TRAINING))
+    assert "Finished" in view["status"], view["status"]
+    (session,) = session_dirs(workspace) - before
+    return client, current_run(client), session / current_run(client)
+
+
+# -- the whole flow ----------------------------------------------------------------------------------
+def test_upload_caption_train_and_generate_end_to_end(url, workspace, tmp_path):
+    client = new_client(url, tmp_path)
+    images = make_images(tmp_path / "upload", 5)
+    (images / "broken.png").write_bytes(b"this is not a png")
+    (images / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (12, 12), "red").save(images / "tiny.png")
+    before = session_dirs(workspace)
+
+    # Upload: good images in, each bad file listed with its reason.
+    report, gallery, cleared, picker = upload_images(client, images)
+    assert "5 images added" in report
+    for name, reason in [("broken.png", "damaged"), ("empty.jpg", "empty"), ("tiny.png", "small")]:
+        line = next(line for line in report.splitlines() if name in line)
+        assert reason in line.lower() or reason in report.lower()
+    assert len(gallery) == 5 and all(Path(item["image"]).exists() for item in gallery)
+    (session,) = session_dirs(workspace) - before
+    run = session / picker["value"]
+    dataset = run / "dataset"
+    assert sorted(p.name for p in dataset.glob("*.png")) == [f"img{i:03d}.png" for i in range(5)]
+
+    # Captions: a page lists every image with its caption and token count; edits land in the .txt files.
+    page = client.predict(1, system.TINY_SD, "ohwx", api_name="/captions_page")
+    names = [page[3 + 4 * i] for i in range(5)]
+    assert names == [f"img{i:03d}.png" for i in range(5)]
+    assert page[4] == "ohwx, stripes number 0"
+    assert "tokens" in page[5]
+    client.predict("img001.png", "ohwx, a striped card with blue bands", system.TINY_SD, "ohwx", api_name="/save_caption")
+    assert (dataset / "img001.txt").read_text() == "ohwx, a striped card with blue bands"
+    note = client.predict("img002.png", "a caption without the word", system.TINY_SD, "ohwx", api_name="/save_caption")
+    assert "no trigger word" in note
+    rambling = "ohwx, " + ", ".join(f"a red house number {i} by a lake" for i in range(15))
+    note = client.predict("img003.png", rambling, system.TINY_SD, "ohwx", api_name="/save_caption")
+    assert "too long" in note and "cut off" in note  # the tokenizer's warning, next to its caption
+    client.predict("img003.png", "ohwx, stripes number 3", system.TINY_SD, "ohwx", api_name="/save_caption")
+    changed = client.predict("stripes", "bands", False, api_name="/replace_all")
+    assert changed.startswith("Replaced in 3 captions")  # img000, img003, img004
+    assert (dataset / "img000.txt").read_text() == "ohwx, bands number 0"
+    (dataset / "img004.txt").unlink()
+    written = client.predict("ohwx", "trigger", "{trigger}, {caption}", "", False, "", api_name="/write_captions")
+    assert written.startswith("1 captions written, 4 existing kept")
+    assert (dataset / "img004.txt").read_text() == "ohwx"
+
+    # Check: the plan, before any model loads.
+    check = client.predict(**TINY_TRAINING, api_name="/check_run")
+    assert "plan: 10 steps" in check and "Estimated time" in check
+
+    # Train: the trainer's events reach the page (loss, samples, files), and the run folder holds the results.
+    started = start(client, **TINY_TRAINING)
+    assert started["timer"]["active"] is True
+    view = poll_until(client, "Finished", "failed", view=started)
+    assert "Finished: step 10 / 10" in view["status"], view["status"]
+    loss = view["loss"]["data"]
+    assert [row[0] for row in loss if row[2] == "raw"] == list(range(1, 11))
+    assert len([row for row in loss if row[2] == "smoothed"]) == 10
+    captions = [item["caption"] for item in view["samples"]["value"]]
+    assert captions[0].startswith("step 10 ·") and any(c.startswith("step 0 ·") for c in captions)
+    downloaded = {Path(f).name: Path(f) for f in view["files"]}
+    assert {"pytorch_lora_weights.safetensors", "stripes.safetensors", "lora_info.json"} <= set(downloaded)
+    assert downloaded["stripes.safetensors"].stat().st_size > 1000
+    assert downloaded["pytorch_lora_weights.safetensors"].read_bytes() == (run / "final/pytorch_lora_weights.safetensors").read_bytes()
+    kinds = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds.count("step") == 10 and "sample" in kinds and "checkpoint" in kinds
+    assert config_mod.load(run).data.resolution == 64  # the tiny model's size, whatever the form said
+    assert view["timer"]["active"] is False
+
+    # Generate: same seed, LoRA off and on; two strengths give two different images.
+    lora = f"run:{current_run(client)}"
+    pickers = client.predict("", "", "", api_name="/list_loras")
+    assert lora in [value for _, value in pickers[0]["choices"]]
+
+    def generate(strength: float) -> tuple[np.ndarray, np.ndarray]:
+        off, on = client.predict(system.TINY_SD, "ohwx", "", 3, 2, 7.0, lora_1=lora, strength_1=strength, api_name="/generate")
+        return np.asarray(Image.open(off)), np.asarray(Image.open(on))
+
+    off_a, half = generate(0.5)
+    off_b, full = generate(1.0)
+    assert half.shape == (64, 64, 3)
+    assert np.array_equal(off_a, off_b)  # the base image is reproducible
+    assert not np.array_equal(half, full)
+    assert not np.array_equal(off_a, full)
+
+
+def test_a_zip_of_hundreds_of_images_is_unpacked_and_its_captions_paged(url, tmp_path):
+    import zipfile
+
+    client = new_client(url, tmp_path)
+    folder = make_images(tmp_path / "many", 300, captions=False, sizes=((64, 64),))
+    for i, path in enumerate(sorted(folder.iterdir())):  # make_images repeats patterns: make each one unique
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[0, 0] = (i % 256, i // 256, 7)
+        Image.fromarray(pixels).save(path)
+    archive = tmp_path / "dataset.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.iterdir()):
+            zf.write(path, f"photos/{path.name}")
+        zf.writestr("photos/notes.txt", "not a caption of anything")
+    report, gallery, _, _ = client.predict([handle_file(str(archive))], system.TINY_SD, api_name="/upload")
+    assert "300 images added" in report and "notes.txt" in report
+    assert len(gallery) == 300
+    last = client.predict(25, system.TINY_SD, "ohwx", api_name="/captions_page")
+    assert last[0] == 25 and "Page 25 of 25 · 300 images" in last[1]
+    assert [last[3 + 4 * i] for i in range(12)] == [f"img{i:03d}.png" for i in range(288, 300)]
+    beyond = client.predict(99, system.TINY_SD, "ohwx", api_name="/captions_page")
+    assert beyond[0] == 25  # a page past the end shows the last one
+
+
+def test_files_outside_the_served_folders_are_handed_out_as_copies(tmp_path, monkeypatch):
+    from lora_trainer.ui.workspace import servable
+
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    inside = tmp_path / "cwd" / "a.png"
+    inside.write_bytes(b"x")
+    assert servable(inside) == str(inside)
+    persistent = tmp_path / "data" / "run" / "final" / "b.safetensors"  # e.g. /data on a Space
+    persistent.parent.mkdir(parents=True)
+    persistent.write_bytes(b"weights")
+    copy = Path(servable(persistent))
+    assert copy.is_relative_to(tmp_path / "tmp") and copy.name == "b.safetensors" and copy.read_bytes() == b"weights"
+
+
+# -- sessions ------------------------------------------------------------------------------------------
+def test_two_sessions_see_only_their_own_runs_and_files(trained, url, workspace, tmp_path):
+    owner, owner_run, owner_dir = trained
+    other = new_client(url, tmp_path)
+    assert other.predict(api_name="/list_runs")["choices"] == []
+    with pytest.raises(AppError, match="not in the list of choices|has no run"):
+        other.predict(owner_run, api_name="/select_run")
+    other.predict("", "", "", api_name="/list_loras")
+    with pytest.raises(AppError, match="not in the list of choices|has no run"):
+        other.predict(system.TINY_SD, "ohwx", "", 0, 2, 7.0, lora_1=f"run:{owner_run}", strength_1=1.0, api_name="/generate")
+
+    upload_images(other, make_images(tmp_path / "other", 1))
+    assert [c[1] for c in other.predict(api_name="/list_runs")["choices"]] != [owner_run]
+    page = other.predict(1, system.TINY_SD, "ohwx", api_name="/captions_page")
+    assert page[3] == "img000.png" and page[7] == ""  # one image: its own
+    owner_caption = (owner_dir / "dataset" / "img000.txt").read_text()
+    sneaky = f"../../{owner_dir.parent.name}/{owner_run}/dataset/img000.png"
+    with pytest.raises(AppError, match="No image"):
+        other.predict(sneaky, "stolen", system.TINY_SD, "ohwx", api_name="/save_caption")
+    assert (owner_dir / "dataset" / "img000.txt").read_text() == owner_caption
+
+    # The workspace is not served: a file's path is not a URL to it.
+    for path in (owner_dir / "final" / "pytorch_lora_weights.safetensors", owner_dir / "dataset" / "img000.png"):
+        assert httpx.get(f"{url}gradio_api/file={path}").status_code == 403
+    view = other.predict(api_name="/poll")
+    assert owner_run not in json.dumps(view)
+
+
+def test_a_second_job_waits_in_line_stop_saves_and_resume_continues(url, workspace, tmp_path):
+    first, second = new_client(url, tmp_path), new_client(url, tmp_path)
+    upload_images(first, make_images(tmp_path / "a", 2))
+    upload_images(second, make_images(tmp_path / "b", 2))
+    long_run = {**TINY_TRAINING, "optim.steps": 5000, "sampling.every": 0, "output.save_every": 0}
+    training = poll_until(first, "Training**: step", view=start(first, **long_run))
+    assert "/ 5000" in training["status"]  # step events stream in while it trains
+
+    assert "Waiting in line: number 1" in start(second, **TINY_TRAINING)["status"]
+    assert "Ready" in start(second, "/stop_training")["status"]  # out of the line, nothing trained
+
+    def stop() -> int:
+        stopped = poll_until(first, "Stopped at", "Finished", view=start(first, "/stop_training"))["status"]
+        return int(stopped.split("Stopped at step ")[1].split(" ")[0])
+
+    step = stop()
+    assert 0 < step < 5000
+    run = next(p for p in workspace.rglob(current_run(first)) if p.is_dir())
+    assert (run / "checkpoints" / f"step-{step:06d}").is_dir()
+    poll_until(first, "Training**: step", view=start(first, "/resume_training"))
+    assert stop() > step  # it went on from the checkpoint, not from zero
+    started = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if '"started"' in line]
+    assert [e["resumed"] for e in started] == [False, True] and started[1]["step"] == step
+
+
+def test_a_training_failure_shows_the_trainers_error_and_hint(url, tmp_path):
+    client = new_client(url, tmp_path)
+    upload_images(client, make_images(tmp_path / "images", 2))
+    status = poll_until(client, "failed", "Finished", view=start(client, **{**TINY_TRAINING, "optim.mixed_precision": "fp16"}))["status"]
+    assert "Training failed" in status
+    assert "fp16" in status and "needs a CUDA GPU" in status  # the trainer's own error ...
+    assert "What to do:" in status  # ... and its hint
+    assert "exit status" not in status
+
+
+def test_invalid_settings_are_refused_with_the_field_named_and_nothing_written(url, workspace, tmp_path):
+    client = new_client(url, tmp_path)
+    upload_images(client, make_images(tmp_path / "images", 2))
+    with pytest.raises(AppError) as error:
+        client.predict(**{**TINY_TRAINING, "output.name": "my lora!", "lora.targets": "custom"}, api_name="/start_training")
+    assert "output.name" in str(error.value) and "lora.custom_targets" in str(error.value)  # every problem at once
+    with pytest.raises(AppError, match="minimum"):  # gradio checks the control's own bounds first
+        client.predict(**{**TINY_TRAINING, "lora.rank": 0}, api_name="/start_training")
+    with pytest.raises(AppError, match="data.images"):
+        client.predict(**{**TINY_TRAINING, "data.images": "../../elsewhere"}, api_name="/check_run")
+    run = next(p for p in workspace.rglob(current_run(client)) if p.is_dir())
+    assert not (run / "config.toml").exists()
+
+
+def test_auto_captioning_without_model_weights_says_what_to_do_and_changes_nothing(url, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no weights here, and no network
+    client = new_client(url, tmp_path)
+    upload_images(client, make_images(tmp_path / "images", 2))
+    with pytest.raises(AppError) as error:
+        client.predict("ohwx", "sparse", "{trigger}, {caption}", "", True, "Salesforce/blip-image-captioning-base",
+                       api_name="/write_captions")
+    message = str(error.value)
+    assert "Could not load the captioning model" in message and "Trigger only" in message
+    assert "Traceback" not in message
+    page = client.predict(1, system.TINY_SD, "ohwx", api_name="/captions_page")
+    assert page[4] == "ohwx, stripes number 0"
+
+
+def test_starting_without_images_says_to_upload_first(url, tmp_path):
+    client = new_client(url, tmp_path)
+    with pytest.raises(AppError, match="Upload tab"):
+        client.predict(**TINY_TRAINING, api_name="/start_training")
+
+
+def test_a_reloaded_page_takes_back_its_session_and_a_forged_one_gets_nothing(tmp_path, monkeypatch):
+    from lora_trainer.ui.header import restore_session
+    from lora_trainer.ui.tabs.train import full_view
+    from lora_trainer.ui.workspace import Session
+
+    monkeypatch.setenv("LORA_STUDIO_WORKSPACE", str(tmp_path))
+    first_page = Session()
+    run = first_page.run_dir(first_page.new_run())
+    (run / "events.jsonl").write_text(
+        json.dumps({"type": "started", "step": 0, "total_steps": 10}) + "\n"
+        + json.dumps({"type": "step", "step": 3, "total_steps": 10, "loss": 0.5}) + "\n"
+    )
+    reloaded = Session()
+    token, picker = restore_session(first_page.token, reloaded)  # what the page's load event does
+    assert token == first_page.token and picker["value"] == run.name
+    assert "Interrupted at step 3 / 10" in full_view(reloaded)[0]
+
+    for forged in ("../" + run.parent.name, run.parent.name, None, 42):
+        stranger = Session()
+        token, picker = restore_session(forged, stranger)
+        assert token != first_page.token and stranger.runs() == [] and picker["value"] is None
+
+
+# -- generate: checkpoints, files, the Hub -------------------------------------------------------------
+def test_checkpoint_grid_has_a_row_per_checkpoint_and_final(trained):
+    client, _, _ = trained
+    grid, rows = client.predict(system.TINY_SD, "ohwx\na house by a lake, ohwx", 1.0, 2, 0, api_name="/checkpoint_grid")
+    assert Image.open(grid).size == (2 * 64, 3 * 64)  # step-000005, step-000010, final x two prompts
+    assert "step-000005" in rows and "final" in rows
+
+
+def test_an_uploaded_kohya_file_and_a_hub_lora_can_be_generated_with(trained, hub, tmp_path):
+    client, _, run = trained
+    client.predict("", "", "", api_name="/list_loras")
+    note, _, *pickers = client.predict(handle_file(str(run / "final" / "stripes.safetensors")), api_name="/upload_lora")
+    assert pickers[0]["value"] == "file:stripes.safetensors"
+    off, on = client.predict(system.TINY_SD, "ohwx", "", 1, 2, 7.0, lora_1="file:stripes.safetensors", strength_1=1.0,
+                             api_name="/generate")
+    assert not np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(on)))
+
+    hub.add_repo("bob/stripes", {"pytorch_lora_weights.safetensors": (run / "final/pytorch_lora_weights.safetensors").read_bytes()})
+    note, *pickers = client.predict("bob/stripes", api_name="/load_hub_lora")
+    assert pickers[0]["value"] == "file:bob--stripes.safetensors"
+    with pytest.raises(AppError, match="not found|does not exist|no repo|404|Repository"):
+        client.predict("bob/missing", api_name="/load_hub_lora")
+
+
+def test_publish_pushes_the_run_to_the_hub_and_never_echoes_the_token(trained, hub, workspace):
+    client, _, run = trained
+    result = client.predict("stripes-lora", True, WRITE_TOKEN, api_name="/publish")
+    assert "alice/stripes-lora" in result and WRITE_TOKEN not in result
+    files = hub.repos["alice/stripes-lora"].files
+    assert {"pytorch_lora_weights.safetensors", "stripes.safetensors", "README.md", "config.toml"} <= set(files)
+    assert hub.repos["alice/stripes-lora"].private
+
+    with pytest.raises(AppError) as error:
+        client.predict("stripes-lora", True, "hf_wrongTOKENwrongTOKENwrong", api_name="/publish")
+    assert "401" in str(error.value) and "hf_wrongTOKEN" not in str(error.value)
+    secrets = (WRITE_TOKEN.encode(), b"hf_wrongTOKEN")
+    assert not [p for p in workspace.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in secrets)]
+
+
+def test_publishing_with_no_token_anywhere_says_how_to_get_one(trained):
+    client, _, _ = trained
+    with pytest.raises(AppError, match="token"):
+        client.predict("stripes-lora", True, "", api_name="/publish")
+
+
+# -- the page itself -------------------------------------------------------------------------------------
+def test_every_config_field_has_a_control_with_its_own_help_text(app):
+    demo, url = app
+    fn = next(f for f in demo.fns.values() if f.api_name == "start_training")
+    by_name = dict(zip(fn.input_parameter_names[1:], fn.inputs[1:], strict=True))
+    assert set(by_name) == set(config_mod.field_names())
+    for dotted, component in by_name.items():
+        info = config_mod.field_info(dotted)
+        if dotted not in ("model.base", "data.trigger"):
+            assert component.info.startswith(info["help"]), dotted
+        if "choices" in info:
+            assert component.get_config()["name"] in ("dropdown",), dotted
+    assert by_name["lora.rank"].minimum == 1 and by_name["lora.rank"].maximum == 1024
+    assert by_name["data.flip"].get_config()["name"] == "checkbox"
+    assert by_name["sampling.prompts"].get_config()["name"] == "textbox"
+
+
+def test_without_a_gpu_the_tiny_model_is_the_default_and_the_page_says_why(monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_GPU", "0")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    system.has_gpu.cache_clear()
+    assert system.default_base() == system.TINY_SD
+    assert "need an NVIDIA GPU" in system.hardware_notice()
+    monkeypatch.setenv("LORA_STUDIO_GPU", "1")
+    system.has_gpu.cache_clear()
+    assert system.default_base() == system.SD15
+    assert system.hardware_notice() == ""
+    system.has_gpu.cache_clear()
+
+
+def test_a_shared_space_without_a_gpu_offers_to_duplicate_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_STUDIO_WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("LORA_STUDIO_GPU", "0")
+    monkeypatch.setenv("SPACE_ID", "someone/lora-studio")
+    system.has_gpu.cache_clear()
+    try:
+        demo = build_app()
+    finally:
+        system.has_gpu.cache_clear()
+    components = demo.get_config_file()["components"]
+    duplicate = next(c for c in components if c["props"].get("value") == "Duplicate this Space")
+    assert isinstance(demo.blocks[duplicate["id"]], gr.DuplicateButton)
+    assert any(c["type"] == "markdown" and "This Space has no GPU" in str(c["props"].get("value")) for c in components)
+
+
+def test_the_ui_imports_no_torch_diffusers_or_transformers_at_startup(tmp_path):
+    code = ("import sys, lora_trainer.ui as ui; ui.build_app(); "
+            "print([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
+    env = {**os.environ, "LORA_STUDIO_WORKSPACE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
