@@ -157,28 +157,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, saved: bool) -> int:
-    from . import dataset as ds
-    from .models import TINY_MODELS
+    from .preflight import preflight
 
     run_dir, cfg = resolve_config(args)
-    images = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else run_dir / cfg.data.images
-    items = ds.scan(images, cfg.data.trigger)
-    step = 16 if cfg.model.base in TINY_MODELS else 64
-    bucket_step = max(cfg.data.bucket_step, step) // step * step
-    buckets = ds.assign_buckets(items, cfg.data.resolution, bucket_step, cfg.data.buckets)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = ds.make_plan(items, cfg.optim.batch_size, cfg.optim.gradient_accumulation, processes, cfg.optim.steps, cfg.optim.epochs)
-    small = [i for i in items if min(i.size) < cfg.data.resolution]
-    config_file = run_dir / config_mod.CONFIG_FILENAME
-    print(f"config: ok ({config_file if saved and config_file.exists() else 'defaults and flags'})")
-    print(f"base model: {cfg.model.base}")
-    where = args.images if args.images and not saved else images
-    print(f"images: {len(items)} from {where} ({sum(i.repeats for i in items)} per epoch with repeats)")
-    print(f"captions: {sum(1 for i in items if i.caption != cfg.data.trigger)} written, the rest use the trigger '{cfg.data.trigger}'")
-    print("buckets: " + ", ".join(f"{w}x{h} ({sum(1 for i in items if i.bucket == (w, h))})" for w, h in buckets))
-    print(f"plan: {plan.total_steps} steps, {plan.steps_per_epoch} steps per epoch, {plan.epochs} epochs, batch {cfg.optim.batch_size} x {cfg.optim.gradient_accumulation} accumulation x {processes} process(es)")
-    if small:
-        print(f"warning: {len(small)} image(s) are smaller than {cfg.data.resolution} px and will be upscaled: " + ", ".join(i.image.name for i in small[:5]))
+    config_file = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
+    source = str(config_file) if config_file.exists() and (saved or args.config) else ""
+    report = preflight(run_dir, cfg, config_source=source)
+    print(report.format(images_label=args.images if args.images and not saved else None))
     return 0
 
 

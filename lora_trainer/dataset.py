@@ -74,6 +74,13 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
 
 
 # -- buckets -------------------------------------------------------------------------------------
+def bucket_step_for(base: str, bucket_step: int) -> int:
+    """`bucket_step` rounded up to what the model needs: latent sides must divide by the UNet's downsampling
+    (x64 pixels for SD / SDXL, x16 for the built-in tiny models)."""
+    multiple = 16 if base.strip().startswith("builtin:") else 64
+    return max(bucket_step, multiple) // multiple * multiple
+
+
 def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) pairs, sides multiples of `step`, area at most resolution**2, ratio <= max_ratio."""
     area = resolution * resolution

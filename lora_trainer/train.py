@@ -132,9 +132,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     images_dir = Path(data.images) if Path(data.images).is_absolute() else run_dir / data.images
     items = ds.scan(images_dir, data.trigger)
     base = models.resolve(cfg.model.base, cfg.model.revision)
-    pixel_multiple = 16 if base.is_builtin else 64  # latent sides must divide by the UNet's downsampling
-    bucket_step = max(data.bucket_step, pixel_multiple) // pixel_multiple * pixel_multiple
-    buckets = ds.assign_buckets(items, data.resolution, bucket_step, data.buckets)
+    buckets = ds.assign_buckets(items, data.resolution, ds.bucket_step_for(cfg.model.base, data.bucket_step), data.buckets)
     plan = ds.make_plan(items, opt.batch_size, opt.gradient_accumulation, world, opt.steps, opt.epochs)
     total_steps = plan.total_steps
 

@@ -136,10 +136,3 @@ def console_tail(run_dir: Path, lines: int = 25) -> str:
     return "\n".join([line for line in shown if line.strip()][-lines:])
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -6,9 +6,9 @@ Nothing here imports torch: the page must come up in seconds, and a GPU is visib
 from __future__ import annotations
 
 import os
-import shutil
 from functools import cache
-from pathlib import Path
+
+from ..preflight import gpu_present, guess_kind
 
 TINY_SD = "builtin:tiny-sd"
 TINY_SDXL = "builtin:tiny-sdxl"
@@ -22,17 +22,13 @@ BASE_CHOICES = [
     ("Tiny SDXL (built in, for trying things on a CPU)", TINY_SDXL),
 ]
 TINY_BASES = {TINY_SD: "sd", TINY_SDXL: "sdxl"}
-KNOWN_FAMILIES = {SD15: "sd", "runwayml/stable-diffusion-v1-5": "sd", SDXL: "sdxl", **TINY_BASES}
 TINY_RESOLUTION, TINY_BUCKET_STEP = 64, 16  # what the tiny models train at (lora_trainer/tiny.py)
 
 
 @cache
 def has_gpu() -> bool:
     """An NVIDIA GPU is present (LORA_STUDIO_GPU=0/1 overrides, for tests and odd drivers)."""
-    forced = os.environ.get("LORA_STUDIO_GPU", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
+    return gpu_present()
 
 
 def space_id() -> str | None:
@@ -60,18 +56,7 @@ def is_tiny(base: str) -> bool:
 
 def base_family(base: str) -> str:
     """'sd' or 'sdxl', without downloading anything: known ids, local folders, else a guess by name."""
-    base = (base or "").strip()
-    if base in KNOWN_FAMILIES:
-        return KNOWN_FAMILIES[base]
-    path = Path(base).expanduser()
-    if path.exists():
-        try:
-            from ..models import resolve
-
-            return resolve(base).kind
-        except Exception:  # noqa: BLE001 - an unreadable folder is reported when training starts
-            pass
-    return "sdxl" if "xl" in base.lower() else "sd"
+    return guess_kind(base)
 
 
 def hardware_notice() -> str:

@@ -3,10 +3,6 @@ Resume, and the live view (step, ETA, loss, samples, memory) driven by a gr.Time
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +10,11 @@ import gradio as gr
 
 from ... import config as config_mod
 from ...errors import ConfigError
+from ...preflight import format_duration
 from .. import fields, jobs, presets, system
 from ..common import Shared, code, md_escape, skip_all, user_errors
 from ..header import run_picker
-from ..monitor import RunMonitor, Status, console_tail, format_duration, run_status
+from ..monitor import RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
@@ -168,51 +165,15 @@ def _dataset_ready(session: Session) -> Path:
 
 
 # -- Check -------------------------------------------------------------------------------------------------
-# Rough seconds per optimizer step at batch 1 on a 24 GB GPU (A10G class) at the family's native
-# resolution, and per denoising step of a sample image; the tiny model's figures are 2 CPU cores.
-GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
-GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
-TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS = 0.04, 0.02
-
-
-def estimate_seconds(cfg: config_mod.TrainConfig, total_steps: int) -> float | None:
-    """A rough duration of the run, or None where it would take days (a real model on a CPU)."""
-    family = system.base_family(cfg.model.base)
-    if system.is_tiny(cfg.model.base):
-        per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10
-    elif system.has_gpu():
-        seconds, native = GPU_STEP_SECONDS[family]
-        per_step = seconds * (cfg.data.resolution / native) ** 2
-        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[family], 60
-    else:
-        return None
-    per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
-    renders = (total_steps // cfg.sampling.every + 1) if cfg.sampling.every else 0
-    sampling = renders * len(cfg.sample_prompts()) * cfg.sampling.steps * per_sample_step
-    return overhead + total_steps * per_step + sampling
-
-
 @user_errors
 def check_run(session: Session, **settings: Any) -> str:
     """The pre-flight check: dataset, plan and an estimate, without loading a model."""
+    from ...preflight import preflight
+
     run = _dataset_ready(session)
     cfg, notes = build_config(run, settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = config_mod.save(cfg, Path(tmp) / config_mod.CONFIG_FILENAME)
-        proc = subprocess.run(
-            [sys.executable, "-m", "lora_trainer", "check", str(run), "--config", str(path)],
-            capture_output=True, text=True, timeout=300, cwd=jobs.PROJECT_ROOT, env=jobs.trainer_env(),
-        )
-    if proc.returncode != 0:
-        error = (proc.stderr.strip().splitlines() or ["the check failed without a message"])[-1].removeprefix("error: ")
-        raise gr.Error(f"The check found a problem: {error}", duration=None, print_exception=False)
-    plan = proc.stdout.replace(str(run), "<run>").strip()
-    match = re.search(r"plan: (\d+) steps", plan)
-    lines = ["#### Check passed", f"```\n{plan}\n```"]
-    if match:
-        seconds = estimate_seconds(cfg, int(match.group(1)))
-        lines.append(f"**Estimated time:** about {format_duration(seconds)} (rough: it depends on the GPU)." if seconds
-                     else "**Estimated time:** days on this CPU. Real models need a GPU; use a built-in tiny model to try things here.")
+    report = preflight(run, cfg, config_source="this page's settings", gpu=system.has_gpu())
+    lines = ["#### Check passed", f"```\n{report.format(images_label='this run')}\n```"]
     if notes:
         lines.append("Note: " + "; ".join(notes) + ".")
     return "\n\n".join(lines)
