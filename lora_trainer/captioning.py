@@ -78,6 +78,10 @@ class BlipCaptioner:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         half = self.device.startswith("cuda")  # fp16 halves memory and time on a GPU; CPUs want fp32
         if self.model is None:
+            if isinstance(self.name, str) and not Path(self.name).expanduser().is_dir():
+                from .models import ensure_downloadable
+
+                ensure_downloadable(self.name, "config.json", "captioning model")
             try:
                 self.processor = self.processor or BlipProcessor.from_pretrained(self.name)
                 self.model = BlipForConditionalGeneration.from_pretrained(

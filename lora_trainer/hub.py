@@ -87,8 +87,10 @@ class PushResult:
 
 
 # -- token ----------------------------------------------------------------------------------------
-def _resolve_token(token: str | None) -> str | None:
-    """Explicit token, then HF_TOKEN, then the token `hf auth login` stored."""
+def _resolve_token(token: str | bool | None) -> str | bool | None:
+    """Explicit token, then HF_TOKEN, then the token `hf auth login` stored; False means anonymous."""
+    if token is False:
+        return False  # huggingface_hub then sends no token at all (public repos only)
     for candidate in (token, os.environ.get("HF_TOKEN")):
         if candidate and candidate.strip():
             return candidate.strip()
@@ -206,8 +208,8 @@ def _retrying(what: str, call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "hf_***") if token else text
+def _scrub(text: str, token: str | bool | None) -> str:
+    return text.replace(token, "hf_***") if isinstance(token, str) and token else text
 
 
 @contextmanager
@@ -464,7 +466,7 @@ def _lora_candidates(files: list[str]) -> list[str]:
 def download_lora(
     repo_id: str,
     *,
-    token: str | None = None,
+    token: str | bool | None = None,
     endpoint: str | None = None,
     filename: str | None = None,
     cache_dir: str | Path | None = None,
@@ -473,7 +475,8 @@ def download_lora(
 
     Without `filename`, takes pytorch_lora_weights.safetensors if present, otherwise the most likely
     .safetensors (top level, not an intermediate epoch). Files are cached (huggingface_hub's cache,
-    or `cache_dir`), so a second call does not download again.
+    or `cache_dir`), so a second call does not download again. `token=False` reads anonymously
+    (public repos only), ignoring HF_TOKEN and any stored login.
     """
     repo_id = _parse_spec(repo_id)
     token = _resolve_token(token)

@@ -58,6 +58,29 @@ def _kind_from_single_file(path: Path) -> str:
     return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd"
 
 
+def ensure_downloadable(repo_id: str, probe_file: str, what: str) -> None:
+    """Fail in seconds, not minutes, when a Hub model is neither cached nor reachable.
+
+    Without a network huggingface_hub retries each file for about half a minute. A cached file or
+    HF_HUB_OFFLINE=1 skip the probe (the cache is then used); otherwise one TCP connect to the Hub.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+        return
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        raise ModelLoadError(
+            f"{what} '{repo_id}' could not be loaded: it is not in this machine's cache and {constants.ENDPOINT} cannot "
+            f"be reached ({type(e).__name__}). Connect to the network, or download it elsewhere and pass its local folder"
+        ) from None
+
+
 def resolve(spec: str, revision: str = "") -> BaseModel:
     """Decide what kind of model `spec` names and how to load it, without loading weights."""
     spec = spec.strip()
@@ -85,6 +108,7 @@ def resolve(spec: str, revision: str = "") -> BaseModel:
             f"base model '{spec}' not found: no such local folder or file, and it is not a Hub id (org/name); "
             f"use a Hub id, a local diffusers folder, a .safetensors file, or one of {', '.join(TINY_MODELS)}"
         )
+    ensure_downloadable(spec, "model_index.json", "base model")
     try:
         from huggingface_hub import hf_hub_download
 

@@ -466,3 +466,14 @@ def test_push_command_prints_the_problem_and_returns_1(fake, tmp_path, capsys, m
     assert hub.push_command(args) == 1
     err = capsys.readouterr().err
     assert "read-only" in err and READ_TOKEN not in err
+
+
+def test_token_false_reads_anonymously_even_with_a_token_in_the_environment(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)  # e.g. a Space owner's token: a visitor must not borrow it
+    fake.add_repo("alice/secret", {"pytorch_lora_weights.safetensors": b"x"}, private=True)
+    fake.add_repo("someone/public", {"pytorch_lora_weights.safetensors": b"public"})
+
+    assert hub.download_lora("someone/public", token=False, endpoint=fake.url, cache_dir=tmp_path).read_bytes() == b"public"
+    with pytest.raises(HubError, match="if it is private"):
+        hub.download_lora("alice/secret", token=False, endpoint=fake.url, cache_dir=tmp_path / "other")
+    assert hub.download_lora("alice/secret", endpoint=fake.url, cache_dir=tmp_path / "env").read_bytes() == b"x"

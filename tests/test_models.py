@@ -63,3 +63,29 @@ def test_lora_targets_that_match_nothing_are_a_clear_error():
 def test_the_tokenizer_loads_without_model_weights():
     tokenizer = models.load_tokenizer("builtin:tiny-sd")
     assert tokenizer.model_max_length == 77 and tokenizer.tokenize("a photo")[0] == "a</w>"
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+
+def test_an_unreachable_hub_is_reported_at_once_for_a_base_model(unreachable_hub):
+    with pytest.raises(ModelLoadError, match="'someone/model' could not be loaded: it is not in this machine's cache and"):
+        models.resolve("someone/model")
+
+
+def test_an_unreachable_hub_is_reported_at_once_for_the_captioning_model(unreachable_hub):
+    from lora_trainer.captioning import BlipCaptioner
+
+    with pytest.raises(ModelLoadError, match="captioning model 'Salesforce/blip-image-captioning-base'.*cannot be reached"):
+        BlipCaptioner("Salesforce/blip-image-captioning-base").load()

@@ -235,7 +235,6 @@ def write_captions(session: Session, trigger_word: str, style: str, template: st
         if captioner is None:
             progress(None, desc=f"Loading the captioning model {model} (the first time takes a while)…")
             try:
-                _check_hub_reachable(model)
                 captioner = captioning.BlipCaptioner(model).load()
             except LoraStudioError as e:
                 raise gr.Error(
@@ -254,30 +253,6 @@ def write_captions(session: Session, trigger_word: str, style: str, template: st
     )
     note = "" if overwrite or not result.kept else " Tick *Replace existing captions* (Caption options) to rewrite those too."
     return md_escape(result.summary()) + "." + note
-
-
-def _check_hub_reachable(model: str) -> None:
-    """Fail in seconds, not minutes, when the weights are neither here nor downloadable.
-
-    Without a network huggingface_hub retries every file for half a minute, so BLIP would take
-    minutes to say it cannot load. A local folder, a cached model or offline mode skip the probe.
-    """
-    from pathlib import Path
-
-    import httpx
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if Path(model).expanduser().is_dir() or constants.HF_HUB_OFFLINE:
-        return
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
-        return
-    try:
-        httpx.head(constants.ENDPOINT, timeout=5.0, follow_redirects=True)
-    except httpx.HTTPError as e:
-        raise LoraStudioError(
-            f"Could not load the captioning model '{model}': it is not on this machine and {constants.ENDPOINT} "
-            f"cannot be reached ({type(e).__name__})."
-        ) from None
 
 
 @user_errors

@@ -200,8 +200,7 @@ def load_hub_lora(session: Session, repo_id: str, oauth_token: gr.OAuthToken | N
         raise gr.Error("Type a Hub repo id such as user/my-lora.")
     token = oauth_token.token if oauth_token else None
     if system.space_id() and token is None:
-        # hub falls back to the machine's HF_TOKEN: on a shared Space that is the owner's, not the visitor's.
-        raise gr.Error("On a shared Space, sign in with Hugging Face (Publish tab) to load LoRAs from the Hub.")
+        token = False  # anonymous: on a shared Space the machine's HF_TOKEN is the owner's, never the visitor's
     progress(0.2, desc=f"Downloading from {repo_id}…")
     path = hub.download_lora(repo_id, token=token, endpoint=system.hub_endpoint())
     name = session.add_lora(path, f"{repo_id.replace('/', '--')}.safetensors")
