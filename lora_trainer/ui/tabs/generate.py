@@ -76,7 +76,7 @@ def build(shared: Shared) -> None:
 def lora_choices(session: Session) -> list[tuple[str, str]]:
     """(label, value): this session's finished runs ("run:<id>"), the newest checkpoint of unfinished
     ones ("ckpt:<id>", e.g. a stopped run) and its LoRA files ("file:<name>")."""
-    from ...train import latest_checkpoint
+    from ...checkpoints import latest_checkpoint
 
     choices = [("none", NONE)]
     for run_id in session.runs():
@@ -100,8 +100,8 @@ def _lora_name(final: Path) -> str:
 
 def lora_path(session: Session, value: str) -> Path:
     """The file a picker value names, looked up inside this session only."""
+    from ...checkpoints import latest_checkpoint
     from ...formats import DIFFUSERS_FILENAME
-    from ...train import latest_checkpoint
 
     kind, _, ident = (value or "").partition(":")
     if kind == "run":

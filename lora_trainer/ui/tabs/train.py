@@ -186,7 +186,7 @@ def start_training(session: Session, **settings: Any) -> tuple:
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line). Stop it first, or make a New run.")
-    from ...train import latest_checkpoint
+    from ...checkpoints import latest_checkpoint
 
     done = latest_checkpoint(run)
     if done is not None or (run / "final").is_dir():
