@@ -61,6 +61,7 @@ __all__ = [  # render_model_card and loss_curve_png live in modelcard.py; they a
 
 # Retries of network/server errors: attempts in all, and the first pause (doubled each time).
 # Tests set RETRY_BASE_DELAY to 0.
+DATASET_DIR = "dataset"  # a run's own copy of its images and captions (intake writes it)
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY = 1.0
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
@@ -347,8 +348,10 @@ def push_checkpoint(
 ) -> PushResult:
     """Upload a checkpoint folder (adapters, trainer_state.json, state/) to checkpoints/step-NNNNNN/.
 
-    Also uploads the run's config.toml, so `fetch_checkpoint` can resume on a fresh machine. The repo
-    is created private if it does not exist. Raises HubError; see `push_checkpoint_safely`.
+    Also uploads the run's config.toml and its dataset/ folder (images and captions, when the run
+    trains on its own copy), so `fetch_checkpoint` can resume on a fresh machine; files already on
+    the Hub are not uploaded again. The repo is created private if it does not exist. Raises
+    HubError; see `push_checkpoint_safely`.
     """
     run_dir, checkpoint = Path(run_dir), Path(checkpoint_dir)
     checkpoint = checkpoint if checkpoint.is_absolute() else run_dir / checkpoint
@@ -368,11 +371,27 @@ def push_checkpoint(
     }
     if (run_dir / config_mod.CONFIG_FILENAME).is_file():
         files[config_mod.CONFIG_FILENAME] = run_dir / config_mod.CONFIG_FILENAME
+    files.update(_dataset_files(run_dir))
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(token, f"pushing a checkpoint to {repo_id}", repo_id):
         _retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=True, exist_ok=True))
         info = _commit(api, repo_id, files, [], f"Checkpoint {prefix.split('/')[1]}")
     return PushResult(url=f"{api.endpoint}/{repo_id}", files=sorted(files), commit_url=getattr(info, "commit_url", None))
+
+
+def _dataset_files(run_dir: Path) -> dict[str, Path]:
+    """The run's own dataset/ (what intake wrote), as repo paths; nothing when it trains on an outside folder."""
+    dataset = run_dir / DATASET_DIR
+    try:
+        if Path(config_mod.load(run_dir).data.images).is_absolute():
+            return {}
+    except LoraStudioError:
+        return {}
+    return {
+        f"{DATASET_DIR}/{p.relative_to(dataset).as_posix()}": p
+        for p in sorted(dataset.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(dataset).parts)
+    }
 
 
 def push_checkpoint_safely(
@@ -400,8 +419,8 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
     """Download the newest checkpoints/step-*/ of `spec` ("hub:user/name" or "user/name") into the run.
 
     The checkpoint lands in <run_dir>/checkpoints/step-NNNNNN/ complete or not at all (it is
-    downloaded into a hidden folder and renamed). config.toml is fetched too when the run has none.
-    Returns the local checkpoint folder.
+    downloaded into a hidden folder and renamed). config.toml and the dataset/ folder are fetched too
+    when the run has none. Returns the local checkpoint folder.
     """
     repo_id, run_dir = _parse_spec(spec), Path(run_dir)
     token = _resolve_token(token)
@@ -418,8 +437,9 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
         step = max(complete)
         target = run_dir / "checkpoints" / f"step-{step:06d}"
         need_config = not (run_dir / config_mod.CONFIG_FILENAME).exists() and config_mod.CONFIG_FILENAME in listing
+        dataset = [p for p in listing if p.startswith(f"{DATASET_DIR}/")] if not (run_dir / DATASET_DIR).exists() else []
         # A checkpoint folder that is already here is complete (every write is atomic): keep it.
-        wanted = ([] if target.is_dir() else steps[step]) + ([config_mod.CONFIG_FILENAME] if need_config else [])
+        wanted = ([] if target.is_dir() else steps[step]) + ([config_mod.CONFIG_FILENAME] if need_config else []) + dataset
         if not wanted:
             return target
 
@@ -437,6 +457,8 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
                 )
             if need_config:
                 os.replace(staging / config_mod.CONFIG_FILENAME, run_dir / config_mod.CONFIG_FILENAME)
+            if dataset:
+                os.replace(staging / DATASET_DIR, run_dir / DATASET_DIR)
             if not target.is_dir():
                 os.replace(staging / "checkpoints" / target.name, target)
         finally:

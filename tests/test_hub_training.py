@@ -36,12 +36,11 @@ def trainer(env, *args) -> subprocess.CompletedProcess:
 def test_checkpoints_are_pushed_during_training_and_a_fresh_folder_resumes_from_them(tmp_path, hub_env):
     server, env = hub_env
     run = tmp_path / "first-machine"
-    config_mod.save(
-        tiny_config(make_images(tmp_path / "images"), optim__steps=6, output__save_every=3, output__keep_checkpoints=1,
-                    output__push_checkpoints_to="alice/my-lora-ckpts"),
-        run,
-    )
-    result = trainer(env, str(run))
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=6, output__save_every=3, output__keep_checkpoints=1,
+                      output__push_checkpoints_to="alice/my-lora-ckpts")
+    config_mod.save(cfg, run)
+    result = trainer(env, str(run), "--images", cfg.data.images)  # intake copies them into the run's dataset/
+    assert config_mod.load(run).data.images == "dataset"
     assert result.returncode == 0, result.stderr[-2000:]
     stored = server.repos["alice/my-lora-ckpts"].files
     for step in ("step-000003", "step-000006"):
@@ -51,6 +50,8 @@ def test_checkpoints_are_pushed_during_training_and_a_fresh_folder_resumes_from_
         if local.exists():
             assert stored[f"checkpoints/{step}/state/adapter.safetensors"] == local.read_bytes()
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]  # pruned after its push
+    for image in (run / "dataset").iterdir():
+        assert stored[f"dataset/{image.name}"] == image.read_bytes()  # the images travel with the checkpoints
 
     # A fresh machine: a longer run continues from the newest pushed checkpoint instead of step 0.
     fresh = tmp_path / "second-machine"
@@ -59,6 +60,7 @@ def test_checkpoints_are_pushed_during_training_and_a_fresh_folder_resumes_from_
     started = [e for e in read_events(fresh / "events.jsonl")[0] if e["type"] == "started"]
     assert started[0]["resumed"] and started[0]["step"] == 6 and started[0]["total_steps"] == 8
     assert config_mod.load(fresh).output.push_checkpoints_to == "alice/my-lora-ckpts"
+    assert sorted(p.name for p in (fresh / "dataset").iterdir()) == sorted(p.name for p in (run / "dataset").iterdir())
     assert (fresh / "final" / "pytorch_lora_weights.safetensors").exists()
     for path in fresh.rglob("*"):
         if path.is_file():
