@@ -489,3 +489,29 @@ def test_the_ui_imports_no_torch_diffusers_or_transformers_at_startup(tmp_path):
     env = {**os.environ, "LORA_STUDIO_WORKSPACE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_run_continues_from_checkpoints_pushed_to_the_hub_in_a_fresh_session(trained, hub, url, workspace, tmp_path, monkeypatch):
+    from lora_trainer import hub as hub_module
+    from lora_trainer.checkpoints import latest_checkpoint
+    from lora_trainer.events import read_events
+
+    _, _, run = trained
+    hub_module.push_checkpoint(run, latest_checkpoint(run), "alice/stripes-ckpts", token=WRITE_TOKEN, endpoint=hub.url)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)  # this machine's token (off a Space) reads the private repo
+
+    before = session_dirs(workspace)
+    client = new_client(url, tmp_path)  # a fresh browser session
+    view = merge({}, client.predict("alice/stripes-ckpts", api_name="/continue_from_hub"))
+    view = poll_until(client, "Finished", "failed", view=view)
+    assert "Finished" in view["status"], view["status"]
+    (session,) = session_dirs(workspace) - before
+    fresh = session / current_run(client)
+    assert fresh != run and (fresh / "final" / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (fresh / "dataset").iterdir()) == sorted(p.name for p in (run / "dataset").iterdir())
+    started = [e for e in read_events(fresh / "events.jsonl")[0] if e["type"] == "started"]
+    assert started[0]["resumed"]
+
+    with pytest.raises(AppError, match="holds no checkpoint|was not found"):
+        client.predict("alice/stripes-lora-nothing-here", api_name="/continue_from_hub")
+    assert current_run(client) == fresh.name  # a failed fetch leaves the session where it was

@@ -34,11 +34,12 @@ def train_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "lora_trainer", "train", str(run_dir)]
 
 
-def trainer_env() -> dict[str, str]:
+def trainer_env(hub_token: str | None = None) -> dict[str, str]:
     """The trainer's environment: ours, unbuffered, able to import lora_trainer from a source checkout.
 
     On a shared Space the Space's own HF_TOKEN is withheld: a visitor's run must not push with
-    the owner's token (output.push_checkpoints_to).
+    the owner's token (output.push_checkpoints_to). `hub_token` (the visitor's own) is handed over
+    in the environment only: never written to disk.
     """
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -46,6 +47,8 @@ def trainer_env() -> dict[str, str]:
     if system.space_id():
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
             env.pop(name, None)
+    if hub_token:
+        env["HF_TOKEN"] = hub_token
     return env
 
 
@@ -57,6 +60,7 @@ class Job:
     proc: subprocess.Popen | None = None
     returncode: int | None = None
     stop_requested: bool = False
+    hub_token: str | None = field(default=None, repr=False)  # for checkpoint pushes; memory only
 
     @property
     def active(self) -> bool:
@@ -73,14 +77,14 @@ class JobManager:
         self._jobs: dict[Path, Job] = {}  # the newest job of each run folder
         self._queue: list[Job] = []
 
-    def submit(self, run_dir: Path) -> Job:
+    def submit(self, run_dir: Path, hub_token: str | None = None) -> Job:
         """Queue a training run of `run_dir` (starting it now if a slot is free); an active job is returned as is."""
         run_dir = Path(run_dir).resolve()
         with self._lock:
             job = self._jobs.get(run_dir)
             if job is not None and job.active:
                 return job
-            job = Job(run_dir)
+            job = Job(run_dir, hub_token=hub_token)
             self._jobs[run_dir] = job
             self._queue.append(job)
             self._start_waiting()
@@ -155,7 +159,7 @@ class JobManager:
         try:
             job.proc = subprocess.Popen(
                 self.command(job.run_dir), stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=PROJECT_ROOT, env=trainer_env(),
+                cwd=PROJECT_ROOT, env=trainer_env(job.hub_token),
                 start_new_session=True,  # Ctrl-C in the app's terminal must not kill the trainer mid-step
             )
         except OSError as e:

@@ -3,6 +3,7 @@ Resume, and the live view (step, ETA, loss, samples, memory) driven by a gr.Time
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ class TrainTab:
                 self.start = gr.Button("Start training", variant="primary", elem_id="start-training")
                 self.stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-training")
                 self.resume = gr.Button("Resume", interactive=False, elem_id="resume-training")
+            with gr.Accordion("Continue a run from the Hub (after a restart, or on another machine)", open=False):
+                gr.Markdown("A run whose checkpoints were pushed to the Hub (Advanced → *Hub repo that every saved "
+                            "checkpoint is pushed to*) continues here from its newest checkpoint, with its own "
+                            "settings and images. On a Space, sign in with Hugging Face first (Publish tab).")
+                with gr.Row(equal_height=True):
+                    self.hub_repo = gr.Textbox(label="Checkpoint repo", placeholder="your-name/my-lora-checkpoints",
+                                               scale=3, elem_id="resume-hub-repo")
+                    self.hub_resume = gr.Button("Fetch and continue", scale=1, elem_id="resume-from-hub")
             self.check_report = gr.Markdown()
             self.status = gr.Markdown("Add images, then press **Check** to see the plan, then **Start training**.",
                                       elem_classes=["train-status"], elem_id="train-status")
@@ -86,6 +95,7 @@ class TrainTab:
         self.start.click(start_training, [session], self.view, inputs_kwargs=s, api_name="start_training")
         self.stop.click(stop_training, [session], self.view, api_name="stop_training")
         self.resume.click(resume_training, [session], self.view, api_name="resume_training")
+        self.hub_resume.click(continue_from_hub, [session, self.hub_repo], self.view, api_name="continue_from_hub")
         self.timer.tick(poll, [session], self.view, api_name="poll", show_progress="hidden", concurrency_limit=None)
         preset_targets = [self.preset_note, self.shared.caption_style, *(s[n] for n in presets.FIELDS)]
         self.preset.change(apply_preset, [self.preset, self.shared.base], preset_targets, api_visibility="private")
@@ -180,8 +190,13 @@ def check_run(session: Session, **settings: Any) -> str:
 
 
 # -- Start / Stop / Resume -----------------------------------------------------------------------------
+def _hub_token(oauth_token: gr.OAuthToken | None) -> str | None:
+    """The visitor's own token for checkpoint pushes (None: the trainer uses this machine's HF_TOKEN, off a Space)."""
+    return oauth_token.token if oauth_token else None
+
+
 @user_errors
-def start_training(session: Session, **settings: Any) -> tuple:
+def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, **settings: Any) -> tuple:
     run = _dataset_ready(session)
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
@@ -200,7 +215,7 @@ def start_training(session: Session, **settings: Any) -> tuple:
         notes.append("there is no GPU here: a real model trains for days on a CPU (Stop keeps what is done)")
     (run / "events.jsonl").unlink(missing_ok=True)  # a run that failed before its first checkpoint starts clean
     config_mod.save(cfg, run)
-    jobs.MANAGER.submit(run)
+    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
     for note in notes:
         gr.Info(f"Note: {note}.")
     return full_view(session)
@@ -218,14 +233,43 @@ def stop_training(session: Session) -> tuple:
 
 
 @user_errors
-def resume_training(session: Session) -> tuple:
+def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) -> tuple:
     run = session.current()
     if run is None or not (run / config_mod.CONFIG_FILENAME).exists():
         raise gr.Error("Nothing to resume in this run: press Start training.")
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line).")
-    jobs.MANAGER.submit(run)
+    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    return full_view(session)
+
+
+@user_errors
+def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken | None = None,
+                      progress=gr.Progress()) -> tuple:
+    """A new run in this session from the newest checkpoint pushed to `repo_id` (config and images too), training on."""
+    from ... import hub
+
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        raise gr.Error("Type the repo the checkpoints were pushed to, such as your-name/my-lora-checkpoints.")
+    token = _hub_token(oauth_token)
+    if system.space_id() and token is None:
+        raise gr.Error("On a shared Space, sign in with Hugging Face (Publish tab) first: checkpoint repos are private.")
+    previous = session.current_run
+    run_id = session.new_run()
+    run = session.run_dir(run_id)
+    (run / DATASET).rmdir()  # new_run makes it empty: the pushed images fill it
+    progress(0.1, desc=f"Fetching the newest checkpoint of {repo_id}…")
+    try:
+        checkpoint = hub.fetch_checkpoint(repo_id, run, token=token, endpoint=system.hub_endpoint())
+        config_mod.load(run)  # the run's own settings must be there and valid
+    except Exception:
+        shutil.rmtree(run, ignore_errors=True)  # no half-made run left in the picker
+        session.current_run = previous
+        raise
+    jobs.MANAGER.submit(run, hub_token=token)
+    gr.Info(f"Fetched {checkpoint.name} from {repo_id}: training continues from there.")
     return full_view(session)
 
 
