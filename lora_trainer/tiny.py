@@ -11,11 +11,15 @@ built-in word list, so words split into sub-word tokens the way they do with the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
+
+from .errors import ModelLoadError
 
 TINY_MODELS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl"}
 TINY_VERSION = 1  # bump when a config below changes, so caches rebuild
@@ -157,20 +161,45 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def _complete(folder: Path) -> bool:
+    """A built model folder: model_index.json, and a config and weights for every model it lists."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    models = [k for k, v in index.items() if isinstance(v, list) and v[1] and not k.startswith(("tokenizer", "scheduler"))]
+    return all((folder / m / "config.json").exists() and any((folder / m).glob("*.safetensors")) for m in models)
+
+
 def tiny_model_path(name: str) -> Path:
-    """The folder of a built-in tiny model, building it on first use (safe under concurrent processes)."""
+    """The folder of a built-in tiny model, building it on first use (safe under concurrent processes).
+
+    In a multi-process launch only the local main process builds: transformers writes weights from
+    rank 0 alone once torch.distributed is up, so another rank's build would lack its text encoders.
+    """
     kind = TINY_MODELS[name]
     target = cache_root() / f"tiny-{kind}-v{TINY_VERSION}"
-    if (target / "model_index.json").exists():
+    if _complete(target):
+        return target
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
+        deadline = time.monotonic() + 600
+        while not _complete(target):
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"{name}: the main process did not finish building {target} within 10 minutes")
+            time.sleep(0.2)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         build_tiny_pipeline(kind).save_pretrained(tmp, safe_serialization=True)
+        if not _complete(tmp):
+            raise ModelLoadError(f"{name}: building it wrote an incomplete folder ({tmp}); please report this")
+        if target.exists() and not _complete(target):
+            shutil.rmtree(target, ignore_errors=True)  # a broken build from an older version: replace it
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "model_index.json").exists():  # lost a race to a broken folder: replace it
+            if not _complete(target):  # lost a race to a broken folder: replace it
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(tmp, target)
     finally:

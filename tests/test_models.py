@@ -89,3 +89,15 @@ def test_an_unreachable_hub_is_reported_at_once_for_the_captioning_model(unreach
 
     with pytest.raises(ModelLoadError, match="captioning model 'Salesforce/blip-image-captioning-base'.*cannot be reached"):
         BlipCaptioner("Salesforce/blip-image-captioning-base").load()
+
+
+def test_a_broken_tiny_model_cache_is_rebuilt_not_trusted(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+    folder = tiny_model_path("builtin:tiny-sdxl")
+    for weights in (folder / "text_encoder").iterdir():  # as a multi-process build of an older version left it
+        weights.unlink()
+    shutil.rmtree(folder / "text_encoder_2")
+    assert tiny_model_path("builtin:tiny-sdxl") == folder
+    assert (folder / "text_encoder" / "model.safetensors").exists() and (folder / "text_encoder_2" / "config.json").exists()
