@@ -59,7 +59,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
     run_dir = _run_dir(args)
     source = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
     cfg = config_mod.load(source) if source.exists() else config_mod.TrainConfig()
-    if args.images:
+    if args.images and not _is_main_process():
+        cfg.set("data.images", "dataset")  # the main process takes the images in; train() waits for it
+    elif args.images:
         from .errors import DatasetError
         from .intake import ingest
 

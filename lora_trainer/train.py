@@ -113,17 +113,21 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg = cfg or config_mod.load(run_dir)
-    data, lcfg, opt, smp, out = cfg.data, cfg.lora, cfg.optim, cfg.sampling, cfg.output
-    ckpt = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
-
-    if opt.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise config_mod.ConfigError("optim.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
     # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
-        mixed_precision=opt.mixed_precision, gradient_accumulation_steps=opt.gradient_accumulation, cpu=cpu_processes
+        mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.gradient_accumulation,
+        cpu=cpu_processes,
     )
     main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()  # the main process may still be writing dataset/ and config.toml
+        if not main:
+            cfg = config_mod.load(run_dir)  # every process trains exactly what the main process saved
+    data, lcfg, opt, smp, out = cfg.data, cfg.lora, cfg.optim, cfg.sampling, cfg.output
+    ckpt = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
     events = EventWriter(run_dir / EVENTS_FILENAME) if main else NullWriter()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_seed(opt.seed)

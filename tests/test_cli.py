@@ -202,3 +202,17 @@ def test_changing_what_the_checkpoints_depend_on_is_refused_by_name(tmp_path):
     assert "lora.rank was 4, now 8" in result.stderr and "new run folder" in result.stderr
     assert (run / "config.toml").read_text() == before  # the run's own config is kept
     assert cli("train", str(run), "--steps", "4").returncode == 0  # a longer run of the same settings resumes
+
+
+def test_two_processes_take_images_in_once(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run),
+         "--images", str(make_images(tmp_path / "images", 3)), "--resolution", "64", "--steps", "2",
+         "--set", "sampling.every=0", "--set", "data.bucket_step=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == [f"img00{i}.{e}" for i in range(3) for e in ("png", "txt")]
+    assert result.stdout.count("3 images added") == 1
