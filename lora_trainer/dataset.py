@@ -193,3 +193,42 @@ def process_caption(caption: str, rng: random.Random, *, shuffle: bool, keep_tok
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
+
+
+def batch_source(batches: Iterator[list[Sample]], items: list[Item], latent_cache: dict, num_workers: int):
+    """What each micro-batch trains on: (pixels or None, cached latents or None, {"samples", "top_left"}).
+
+    With a latent cache the latents are stacked from it; otherwise a DataLoader (with `num_workers`
+    worker processes) loads and crops the images, in the plan's order.
+    """
+    import torch
+
+    if latent_cache:
+        for batch in batches:
+            latents = torch.stack([latent_cache[s][0] for s in batch])
+            yield None, latents, {"samples": batch, "top_left": [latent_cache[s][1] for s in batch]}
+        return
+    loader = torch.utils.data.DataLoader(
+        _PixelDataset(items), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate_pixels
+    )
+    for pixels, batch, crops in loader:
+        yield pixels, None, {"samples": batch, "top_left": crops}
+
+
+class _PixelDataset:
+    def __init__(self, items):
+        self.items = items
+
+    def __getitem__(self, sample):
+        index, flip = sample
+        pixels, crop = load_pixels(self.items[index], flip)
+        return pixels, sample, crop
+
+    def __len__(self):
+        return len(self.items)
+
+
+def _collate_pixels(rows):
+    import torch
+
+    return torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]

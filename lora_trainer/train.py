@@ -338,7 +338,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
     batches = ds.micro_batches(
         items, opt.batch_size, opt.seed, data.flip, plan, start_step=start_step, rank=rank, processes=world
     )
-    data_iter = _batch_source(batches, items, latent_cache, data.num_workers)
+    data_iter = ds.batch_source(batches, items, latent_cache, data.num_workers)
     models_list = list(trained.values())
     for model in models_list:
         model.train()
@@ -473,39 +473,3 @@ def _adapter_config(model) -> dict[str, Any]:
     config = model.peft_config["default"].to_dict()
     config["lora_dropout"] = 0.0
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-
-
-def _batch_source(batches, items, latent_cache, num_workers: int):
-    """Yield (pixels or None, stacked cached latents or None, info) per micro-batch."""
-    import torch
-
-    if latent_cache:
-        for batch in batches:
-            latents = torch.stack([latent_cache[s][0] for s in batch])
-            yield None, latents, {"samples": batch, "top_left": [latent_cache[s][1] for s in batch]}
-        return
-    loader = torch.utils.data.DataLoader(
-        _PixelDataset(items), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate_pixels
-    )
-    for pixels, batch, crops in loader:
-        yield pixels, None, {"samples": batch, "top_left": crops}
-
-
-class _PixelDataset:
-    def __init__(self, items):
-        self.items = items
-
-    def __getitem__(self, sample):
-        index, flip = sample
-        pixels, crop = ds.load_pixels(self.items[index], flip)
-        return pixels, sample, crop
-
-    def __len__(self):
-        return len(self.items)
-
-
-def _collate_pixels(rows):
-    import torch
-
-    return torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
-
