@@ -139,10 +139,10 @@ class Uploader:
             self._thread.start()
 
     def _work(self) -> None:
-        from . import hub
+        from .hub_checkpoints import push_checkpoint_safely
 
         while (checkpoint := self._queue.get()) is not None:
-            error = hub.push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
+            error = push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
             if error:
                 log.warning("checkpoint push to %s failed: %s", self.repo, error)
             else:

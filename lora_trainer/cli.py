@@ -107,10 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main = _is_main_process()
     if args.resume_from and main:
-        from . import hub
+        from .hub_checkpoints import fetch_checkpoint
 
         # First, so the run's own config.toml (pushed with the checkpoint) is what the flags override.
-        path = hub.fetch_checkpoint(args.resume_from, _run_dir(args))
+        path = fetch_checkpoint(args.resume_from, _run_dir(args))
         print(f"fetched {path.name} from {args.resume_from}")
     run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)

@@ -492,12 +492,12 @@ def test_the_ui_imports_no_torch_diffusers_or_transformers_at_startup(tmp_path):
 
 
 def test_a_run_continues_from_checkpoints_pushed_to_the_hub_in_a_fresh_session(trained, hub, url, workspace, tmp_path, monkeypatch):
-    from lora_trainer import hub as hub_module
     from lora_trainer.checkpoints import latest_checkpoint
     from lora_trainer.events import read_events
+    from lora_trainer.hub_checkpoints import push_checkpoint
 
     _, _, run = trained
-    hub_module.push_checkpoint(run, latest_checkpoint(run), "alice/stripes-ckpts", token=WRITE_TOKEN, endpoint=hub.url)
+    push_checkpoint(run, latest_checkpoint(run), "alice/stripes-ckpts", token=WRITE_TOKEN, endpoint=hub.url)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)  # this machine's token (off a Space) reads the private repo
 
     before = session_dirs(workspace)

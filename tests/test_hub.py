@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.numpy import save_file
 
-from lora_trainer import config, hub
+from lora_trainer import config, hub, hub_checkpoints
 from lora_trainer.events import EventWriter
 from lora_trainer.hub import HubError
 
@@ -276,8 +276,8 @@ def test_a_refused_token_uploads_nothing(fake, tmp_path, token, repo_id):
 def test_the_token_lands_in_no_file_of_the_run_or_the_repo(fake, tmp_path):
     run = make_run(tmp_path / "run")
     hub.push_run(run, "alice/my-lora", token=WRITE_TOKEN, endpoint=fake.url)
-    hub.push_checkpoint(run, "checkpoints/step-000100", "alice/my-lora-ckpt", token=WRITE_TOKEN, endpoint=fake.url)
-    hub.fetch_checkpoint("hub:alice/my-lora-ckpt", tmp_path / "resumed", token=WRITE_TOKEN, endpoint=fake.url)
+    hub_checkpoints.push_checkpoint(run, "checkpoints/step-000100", "alice/my-lora-ckpt", token=WRITE_TOKEN, endpoint=fake.url)
+    hub_checkpoints.fetch_checkpoint("hub:alice/my-lora-ckpt", tmp_path / "resumed", token=WRITE_TOKEN, endpoint=fake.url)
 
     secret = WRITE_TOKEN.encode()
     local = [p for folder in (run, tmp_path / "resumed") for p in folder.rglob("*") if p.is_file()]
@@ -323,11 +323,11 @@ def test_an_unreachable_hub_is_a_clear_error(tmp_path, fake):
 # -- checkpoints off the box ----------------------------------------------------------------------
 def test_a_pushed_checkpoint_comes_back_byte_identical_in_a_fresh_run_folder(fake, tmp_path):
     run = make_run(tmp_path / "run")
-    hub.push_checkpoint(run, run / "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+    hub_checkpoints.push_checkpoint(run, run / "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
     assert fake.repos["alice/ckpts"].private  # created private
     fresh = tmp_path / "fresh-machine" / "run"
 
-    local = hub.fetch_checkpoint("hub:alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
+    local = hub_checkpoints.fetch_checkpoint("hub:alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
 
     assert local == fresh / "checkpoints" / "step-000050"
     original = run / "checkpoints" / "step-000050"
@@ -340,12 +340,12 @@ def test_a_pushed_checkpoint_comes_back_byte_identical_in_a_fresh_run_folder(fak
 def test_fetch_takes_the_newest_checkpoint_and_keeps_an_existing_config(fake, tmp_path):
     run = make_run(tmp_path / "run")
     for step in ("step-000050", "step-000100"):
-        hub.push_checkpoint(run, run / "checkpoints" / step, "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+        hub_checkpoints.push_checkpoint(run, run / "checkpoints" / step, "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.toml").write_text("# mine\n")
 
-    local = hub.fetch_checkpoint("alice/ckpts", other, token=WRITE_TOKEN, endpoint=fake.url)
+    local = hub_checkpoints.fetch_checkpoint("alice/ckpts", other, token=WRITE_TOKEN, endpoint=fake.url)
 
     assert local.name == "step-000100"
     assert json.loads((local / "trainer_state.json").read_text()) == {"step": 100}
@@ -354,12 +354,12 @@ def test_fetch_takes_the_newest_checkpoint_and_keeps_an_existing_config(fake, tm
 
 def test_a_failed_fetch_leaves_no_half_checkpoint(fake, tmp_path):
     run = make_run(tmp_path / "run")
-    hub.push_checkpoint(run, "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+    hub_checkpoints.push_checkpoint(run, "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
     fake.fail_next(1, status=403, path_contains="optimizer.bin")  # one file of the checkpoint cannot be read
     fresh = tmp_path / "fresh"
 
     with pytest.raises(HubError, match="Could not download"):
-        hub.fetch_checkpoint("alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
+        hub_checkpoints.fetch_checkpoint("alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
 
     assert list((fresh / "checkpoints").iterdir()) == []  # neither step-000050/ nor the staging folder
 
@@ -367,7 +367,7 @@ def test_a_failed_fetch_leaves_no_half_checkpoint(fake, tmp_path):
 def test_fetch_from_a_repo_without_checkpoints_says_so(fake, tmp_path):
     hub.push_run(make_run(tmp_path / "run"), "alice/my-lora", token=WRITE_TOKEN, endpoint=fake.url)
     with pytest.raises(HubError, match="holds no checkpoint"):
-        hub.fetch_checkpoint("alice/my-lora", tmp_path / "fresh", token=WRITE_TOKEN, endpoint=fake.url)
+        hub_checkpoints.fetch_checkpoint("alice/my-lora", tmp_path / "fresh", token=WRITE_TOKEN, endpoint=fake.url)
     assert not (tmp_path / "fresh" / "checkpoints").exists()
 
 
@@ -375,8 +375,8 @@ def test_push_checkpoint_safely_returns_the_problem_instead_of_raising(fake, tmp
     run = make_run(tmp_path / "run")
     bad = "hf_notARealToken000000000000000000"
 
-    message = hub.push_checkpoint_safely(run, "checkpoints/step-000050", "alice/ckpts", token=bad, endpoint=fake.url)
-    ok = hub.push_checkpoint_safely(run, "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+    message = hub_checkpoints.push_checkpoint_safely(run, "checkpoints/step-000050", "alice/ckpts", token=bad, endpoint=fake.url)
+    ok = hub_checkpoints.push_checkpoint_safely(run, "checkpoints/step-000050", "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
 
     assert "401" in message and bad not in message
     assert ok is None

@@ -248,7 +248,7 @@ def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) 
 def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken | None = None,
                       progress=gr.Progress()) -> tuple:
     """A new run in this session from the newest checkpoint pushed to `repo_id` (config and images too), training on."""
-    from ... import hub
+    from ... import hub_checkpoints
 
     repo_id = (repo_id or "").strip()
     if not repo_id:
@@ -262,7 +262,7 @@ def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken
     (run / DATASET).rmdir()  # new_run makes it empty: the pushed images fill it
     progress(0.1, desc=f"Fetching the newest checkpoint of {repo_id}…")
     try:
-        checkpoint = hub.fetch_checkpoint(repo_id, run, token=token, endpoint=system.hub_endpoint())
+        checkpoint = hub_checkpoints.fetch_checkpoint(repo_id, run, token=token, endpoint=system.hub_endpoint())
         config_mod.load(run)  # the run's own settings must be there and valid
     except Exception:
         shutil.rmtree(run, ignore_errors=True)  # no half-made run left in the picker

@@ -1,0 +1,157 @@
+"""Checkpoints off the box: push a run's checkpoints to a Hub repo while it trains, fetch the newest
+one on a fresh machine (with the run's config and images) to resume from.
+
+Uses hub.py's token checks, retries and error messages; publishing a finished run lives there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download
+
+from . import config as config_mod
+from .errors import LoraStudioError
+from .hub import (
+    HubError,
+    PushResult,
+    _check_repo_id,
+    _commit,
+    _hub_errors,
+    _parse_spec,
+    _resolve_token,
+    _retrying,
+    _scrub,
+    check_token,
+)
+
+DATASET_DIR = "dataset"  # a run's own copy of its images and captions (intake writes it)
+_STEP_DIR = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
+
+
+def push_checkpoint(
+    run_dir: str | Path,
+    checkpoint_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload a checkpoint folder (adapters, trainer_state.json, state/) to checkpoints/step-NNNNNN/.
+
+    Also uploads the run's config.toml and its dataset/ folder (images and captions, when the run
+    trains on its own copy), so `fetch_checkpoint` can resume on a fresh machine; files already on
+    the Hub are not uploaded again. The repo is created private if it does not exist. Raises
+    HubError; see `push_checkpoint_safely`.
+    """
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint_dir)
+    checkpoint = checkpoint if checkpoint.is_absolute() else run_dir / checkpoint
+    match = re.fullmatch(r"step-(\d+)", checkpoint.name)
+    if not checkpoint.is_dir() or not match:
+        raise HubError(f"{checkpoint} is not a checkpoint folder (expected checkpoints/step-NNNNNN/ in the run).")
+    repo_id = _check_repo_id(repo_id)
+    check_token(token, repo_id.split("/")[0], endpoint)
+    token = _resolve_token(token)
+
+    prefix = f"checkpoints/step-{int(match.group(1)):06d}"
+    relative = (p.relative_to(checkpoint) for p in sorted(checkpoint.rglob("*")) if p.is_file())
+    files: dict[str, Path | bytes] = {
+        f"{prefix}/{rel.as_posix()}": checkpoint / rel
+        for rel in relative
+        if not any(part.startswith(".") for part in rel.parts)  # half-written temp files
+    }
+    if (run_dir / config_mod.CONFIG_FILENAME).is_file():
+        files[config_mod.CONFIG_FILENAME] = run_dir / config_mod.CONFIG_FILENAME
+    files.update(_dataset_files(run_dir))
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(token, f"pushing a checkpoint to {repo_id}", repo_id):
+        _retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=True, exist_ok=True))
+        info = _commit(api, repo_id, files, [], f"Checkpoint {prefix.split('/')[1]}")
+    return PushResult(url=f"{api.endpoint}/{repo_id}", files=sorted(files), commit_url=getattr(info, "commit_url", None))
+
+
+def _dataset_files(run_dir: Path) -> dict[str, Path]:
+    """The run's own dataset/ (what intake wrote), as repo paths; nothing when it trains on an outside folder."""
+    dataset = run_dir / DATASET_DIR
+    try:
+        if Path(config_mod.load(run_dir).data.images).is_absolute():
+            return {}
+    except LoraStudioError:
+        return {}
+    return {
+        f"{DATASET_DIR}/{p.relative_to(dataset).as_posix()}": p
+        for p in sorted(dataset.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(dataset).parts)
+    }
+
+
+def push_checkpoint_safely(
+    run_dir: str | Path,
+    checkpoint_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str | None:
+    """`push_checkpoint` for the trainer's background thread: never raises, returns an error message or None."""
+    try:
+        push_checkpoint(run_dir, checkpoint_dir, repo_id, token=token, endpoint=endpoint)
+    except Exception as e:  # a failed upload must never take training down
+        message = str(e) if isinstance(e, HubError) else f"pushing the checkpoint failed: {type(e).__name__}: {e}"
+        return _scrub(message, _resolve_token(token))
+    return None
+
+
+def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None, endpoint: str | None = None) -> Path:
+    """Download the newest checkpoints/step-*/ of `spec` ("hub:user/name" or "user/name") into the run.
+
+    The checkpoint lands in <run_dir>/checkpoints/step-NNNNNN/ complete or not at all (it is
+    downloaded into a hidden folder and renamed). config.toml and the dataset/ folder are fetched too
+    when the run has none. Returns the local checkpoint folder.
+    """
+    repo_id, run_dir = _parse_spec(spec), Path(run_dir)
+    token = _resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(token, f"fetching a checkpoint from {repo_id}", repo_id):
+        listing = _retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
+        steps: dict[int, list[str]] = {}
+        for path in listing:
+            if m := _STEP_DIR.match(path):
+                steps.setdefault(int(m.group(1)), []).append(path)
+        complete = [s for s, paths in steps.items() if any(p.endswith("/trainer_state.json") for p in paths)]
+        if not complete:
+            raise HubError(f"'{repo_id}' holds no checkpoint (no checkpoints/step-*/trainer_state.json) to resume from.")
+        step = max(complete)
+        target = run_dir / "checkpoints" / f"step-{step:06d}"
+        need_config = not (run_dir / config_mod.CONFIG_FILENAME).exists() and config_mod.CONFIG_FILENAME in listing
+        dataset = [p for p in listing if p.startswith(f"{DATASET_DIR}/")] if not (run_dir / DATASET_DIR).exists() else []
+        # A checkpoint folder that is already here is complete (every write is atomic): keep it.
+        wanted = ([] if target.is_dir() else steps[step]) + ([config_mod.CONFIG_FILENAME] if need_config else []) + dataset
+        if not wanted:
+            return target
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(".fetch-*"):  # from a fetch that was killed halfway
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".fetch-{target.name}-", dir=target.parent))
+        try:
+            for path in wanted:
+                _retrying(
+                    f"downloading {path}",
+                    lambda path=path: hf_hub_download(
+                        repo_id, path, local_dir=staging, token=token, endpoint=api.endpoint
+                    ),
+                )
+            if need_config:
+                os.replace(staging / config_mod.CONFIG_FILENAME, run_dir / config_mod.CONFIG_FILENAME)
+            if dataset:
+                os.replace(staging / DATASET_DIR, run_dir / DATASET_DIR)
+            if not target.is_dir():
+                os.replace(staging / "checkpoints" / target.name, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
