@@ -63,7 +63,7 @@ RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY = 1.0
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_ID = config_mod.REPO_ID
 _WRITE_ROLES = ("admin", "write", "contributor")  # org roles that may create and push repos
 
 T = TypeVar("T")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import config as config_mod
 from .errors import LoraStudioError
-from .events import EVENTS_FILENAME, read_events
+from .events import EVENTS_FILENAME, read_events, smooth_losses
+from .formats import DIFFUSERS_FILENAME as DIFFUSERS_WEIGHTS
+from .formats import read_safetensors_metadata
+from .models import guess_kind
 
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 LOSS_CURVE = "loss.png"
 LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
 KIND_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
@@ -33,7 +33,7 @@ _UNINTERESTING_FIELDS = {
     "data.images", "data.num_workers", "data.cache_latents", "data.cache_text_embeddings",
     "optim.gradient_checkpointing",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_ID = config_mod.REPO_ID
 
 
 class RunNotReadyError(LoraStudioError):
@@ -86,7 +86,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
     cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
     info = _read_json(final / "lora_info.json")
     kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS)
-    metadata = _safetensors_metadata(kohya[0]) if kohya else {}
+    metadata = read_safetensors_metadata(kohya[0]) if kohya else {}
     events, _ = read_events(run_dir / EVENTS_FILENAME)
 
     base = info.get("base") or (cfg.model.base if cfg else "") or "unknown"
@@ -121,24 +121,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a .safetensors header (8-byte length + JSON), without loading tensors."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(min(length, 100_000_000)))
-    except (OSError, ValueError, struct.error):
-        return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
-
-
 def _kind(info: dict[str, Any], metadata: dict[str, str], base: str) -> str:
     if info.get("kind") in LICENSES:
         return info["kind"]
     if "ss_base_model_version" in metadata:
         return "sdxl" if "xl" in metadata["ss_base_model_version"] else "sd"
-    return "sdxl" if "xl" in base.lower() else "sd"
+    return guess_kind(base)
 
 
 def _steps(info: dict[str, Any], metadata: dict[str, str], events: list[dict[str, Any]]) -> int | None:
@@ -295,16 +283,6 @@ def _loss_points(events: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Debiased exponential moving average (what TensorBoard draws); the window grows with the run."""
-    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i) if weight else v)
-    return out
-
-
 def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: int = 320) -> bytes:
     """A PNG line chart of the raw (light) and smoothed (dark) training loss, drawn with PIL."""
     points = _loss_points(events)
@@ -319,7 +297,7 @@ def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: i
 
     steps = [s for s, _ in points]
     raw = [v for _, v in points]
-    smooth = _smooth(raw)
+    smooth = smooth_losses(raw)
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
     # Clip the top at the 99th percentile so one spike does not flatten the whole curve.
     lo, hi = min(raw), sorted(raw)[min(len(raw) - 1, int(0.99 * len(raw)))]
