@@ -80,12 +80,7 @@ class Generator:
                 _PIPELINES[key] = models.load_pipeline(self.base, dtype).to(self.device)
         self.pipe = _PIPELINES[key]
         self._recent = _RECENT.setdefault(key, [])
-        if self.base.is_builtin:
-            from .tiny import TINY_RESOLUTION
-
-            self.default_size = TINY_RESOLUTION
-        else:
-            self.default_size = 1024 if self.base.kind == "sdxl" else 512
+        self.default_size = models.geometry(self.base).default_resolution  # the base's native size
 
     def _adapter_name(self, path: Path) -> str:
         stat = path.stat()

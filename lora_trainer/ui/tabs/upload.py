@@ -8,6 +8,7 @@ import gradio as gr
 
 from ... import intake
 from ...errors import DatasetError
+from ...models import native_resolution
 from .. import system
 from ..common import Shared, code, md_escape, user_errors
 from ..header import run_picker
@@ -53,7 +54,7 @@ def add_files(session: Session, files: list[str] | None, base: str, progress=gr.
     if not files:
         raise gr.Error("No files arrived. Drop images or a .zip onto the box, or click it to choose files.")
     dataset = session.dataset_dir(create=True)
-    resolution = system.TINY_RESOLUTION if system.is_tiny(base) else (1024 if system.base_family(base) == "sdxl" else 512)
+    resolution = system.TINY_RESOLUTION if system.is_tiny(base) else native_resolution(base)
 
     def step(done: int, total: int) -> None:
         progress((done, total), desc="Adding images", unit="files")
