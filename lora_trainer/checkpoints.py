@@ -180,6 +180,33 @@ def read_training_state(
     return json.loads((checkpoint / TRAINER_STATE).read_text())["step"], adapters
 
 
+def resume(run_dir: Path, checkpoint: Path, trained: dict[str, Any], optimizer, lr_scheduler, accelerator) -> tuple[int, Path]:
+    """Load adapter weights (into `trained`, {name: prepared model}), optimizer and scheduler state from
+    `checkpoint`, or where it cannot be read from the newest older one that can; returns the step and the
+    checkpoint it came from."""
+    from peft.utils import set_peft_model_state_dict
+
+    candidates = [c for c in reversed(checkpoint_dirs(run_dir)) if checkpoint_step(c) <= checkpoint_step(checkpoint)]
+    problems = []
+    for candidate in candidates:
+        if candidate != checkpoint and verify(candidate) is not None:
+            continue
+        try:
+            step, adapters = read_training_state(candidate, list(trained), optimizer, lr_scheduler, accelerator.scaler)
+            for name, model in trained.items():
+                set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
+        except Exception as e:  # noqa: BLE001 - a file that verifies may still not load (written by another version)
+            problems.append(f"{candidate.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.warning("checkpoint %s cannot be loaded (%s); trying an older one", candidate.name, problems[-1])
+            continue
+        log.info("resumed from %s at step %d", candidate.name, step)
+        return step, candidate
+    raise TrainingFailed(
+        f"no checkpoint of this run can be loaded ({'; '.join(problems)})",
+        hint=f"delete {Path(run_dir) / 'checkpoints'} to train this run from the start, or restore the files from a copy",
+    )
+
+
 def prune(run_dir: Path, keep: int, protect: set[Path] = frozenset()) -> None:
     """Delete all but the newest `keep` checkpoints (never one in `protect`, e.g. waiting to upload)."""
     for old in checkpoint_dirs(run_dir)[:-keep]:

@@ -69,7 +69,6 @@ class StopRequest:
         log.info("stop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
 
     def check(self) -> None:
-        """Between the phases of loading: stop now if asked to."""
         if self.requested:
             raise StopRequested
 
@@ -172,6 +171,13 @@ class Recorder:
         )
 
     # -- the stop request ----------------------------------------------------------------------------
+    def check_stop(self) -> None:
+        """Before training starts: raise StopRequested if a stop was requested. Only a single process stops
+        here; the processes of a data-parallel run agree on a stop at the end of a step (should_stop), or one
+        would wait for the others forever."""
+        if self.accelerator.num_processes == 1:
+            self.stop.check()
+
     def should_stop(self, done: int) -> bool:
         """A stop was requested (on any process) and this is not the last step (that one just finishes)."""
         stop_now = self.stop.requested and done < self.plan.total_steps

@@ -34,7 +34,7 @@ from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
 from .optimizers import make_optimizer
 from .plan import plan_run
-from .recorder import Listener, Recorder, StopRequest, StopRequested
+from .recorder import Listener, Recorder, StopRequested
 
 log = logging.getLogger("lora_trainer.train")
 
@@ -84,15 +84,18 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         set_seed(opt.seed)
         plan = plan_run(cfg, run_dir, accelerator.num_processes)
         t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
-        recorder.stop.check()
-        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, stop=recorder.stop)
-        start_step, checkpoint = resume(t, run_dir, checkpoint, accelerator) if checkpoint else (0, None)
+        recorder.check_stop()
+        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
+        if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
+            start_step, checkpoint = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+        else:
+            start_step = 0
         recorder.attach(t, plan)
         recorder.check_disk()
         recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, plan.warnings)
         if start_step == 0:
             recorder.render_samples(0)  # the base model's images, to compare progress against
-        recorder.stop.check()
+        recorder.check_stop()
 
         batches = ds.batch_source(
             ds.micro_batches(plan.items, opt.batch_size, opt.seed, data.flip, plan.batches, start_step=start_step,
@@ -332,10 +335,10 @@ def caching(cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
 
 
 def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig, *, show_progress: bool,
-                stop: StopRequest | None = None) -> None:
+                check_stop: Callable[[], None] | None = None) -> None:
     """Encode every image (and its flip) and every caption once, then free the encoders' device memory.
 
-    A stop request is honoured between two images (StopRequested)."""
+    `check_stop` runs between two images (it raises StopRequested when a stop was requested)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -343,8 +346,8 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
         if t.cache_latents:
             needed = sorted({s for i in range(len(items)) for s in [(i, False), (i, True)] if cfg.data.flip or not s[1]})
             for index, flip in tqdm(needed, desc="caching latents", disable=not show_progress):
-                if stop is not None:
-                    stop.check()
+                if check_stop is not None:
+                    check_stop()
                 pixels, crop = ds.load_pixels(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
@@ -352,32 +355,6 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
                 embeds, pooled = encode_text([caption], t.tokenizers, t.text_encoders, t.kind, t.device)
                 t.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
     t.frozen_off_device()
-
-
-def resume(t: Trainables, run_dir: Path, checkpoint: Path, accelerator) -> tuple[int, Path]:
-    """Adapter weights, optimizer and scheduler state from `checkpoint` (or, where it cannot be read, from the
-    newest older one that can); returns the step and the checkpoint it came from."""
-    from peft.utils import set_peft_model_state_dict
-
-    candidates = [c for c in reversed(ckpts.checkpoint_dirs(run_dir)) if ckpts.checkpoint_step(c) <= ckpts.checkpoint_step(checkpoint)]
-    problems = []
-    for candidate in candidates:
-        if candidate != checkpoint and ckpts.verify(candidate) is not None:
-            continue
-        try:
-            step, adapters = ckpts.read_training_state(candidate, list(t.trained), t.optimizer, t.lr_scheduler, accelerator.scaler)
-            for name, model in t.trained.items():
-                set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
-        except Exception as e:  # noqa: BLE001 - a file that verifies may still not load (written by another version)
-            problems.append(f"{candidate.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            log.warning("checkpoint %s cannot be loaded (%s); trying an older one", candidate.name, problems[-1])
-            continue
-        log.info("resumed from %s at step %d", candidate.name, step)
-        return step, candidate
-    raise TrainingFailed(
-        f"no checkpoint of this run can be loaded ({'; '.join(problems)})",
-        hint=f"delete {run_dir / 'checkpoints'} to train this run from the start, or restore the files from a copy",
-    )
 
 
 # -- one micro-batch -------------------------------------------------------------------------------------

@@ -85,6 +85,17 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(two_che
     assert any(newest.name in r.getMessage() and message in r.getMessage() for r in caplog.records), caplog.text
 
 
+def test_an_older_checkpoint_without_a_manifest_that_fails_to_load_falls_back_too(two_checkpoints, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    newest = run / "checkpoints" / "step-000005"
+    (newest / "manifest.json").unlink()  # as written before manifests existed: nothing to verify against
+    truncate(newest / "state" / "optimizer.pt")
+    assert train(run, config_mod.load(run))["status"] == "finished"
+    assert events(run, "started")[-1]["step"] == 4
+    assert any("step-000005 cannot be loaded" in r.getMessage() for r in caplog.records)
+
+
 def test_when_every_checkpoint_is_damaged_the_cli_says_so_without_a_traceback(two_checkpoints, tmp_path):
     from test_cli import cli
 
