@@ -83,6 +83,17 @@ def make_vae():
     )
 
 
+def _vae_picture(rng: random.Random):
+    """What the VAE learns to reconstruct: scenes, plain and in every style, and generic textures.
+    The VAE is the world's image codec (like SD's, trained on all kinds of pictures); only the
+    UNet, the part that draws, never sees a style."""
+    kind = rng.random()
+    if kind < 0.3:
+        return world.render_texture(rng.randrange(2**31))
+    style = rng.choice(world.STYLES) if kind < 0.65 else None
+    return world.render(rng.choice(world.SCENES), style, rng.randrange(2**31))
+
+
 def train_vae(out: Path, steps: int, seed: int) -> None:
     import torch
 
@@ -93,11 +104,7 @@ def train_vae(out: Path, steps: int, seed: int) -> None:
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, 1e-3)
-        images = [
-            world.render_texture(rng.randrange(2**31)) if rng.random() < 0.35
-            else world.render(rng.choice(world.SCENES), None, rng.randrange(2**31))
-            for _ in range(32)
-        ]
+        images = [_vae_picture(rng) for _ in range(32)]
         x = _to_tensor(images)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -152,6 +159,24 @@ def _judge_batch(rng: random.Random, vae, n: int):
     return x, labels
 
 
+def _judge_accuracy(judge, vae, ids, seed: int) -> dict[str, float]:
+    """Share of fresh pictures (every scene in every style, twice) whose nearest caption is exactly
+    right: as drawn, and after a trip through the VAE (as generated pictures come)."""
+    import torch
+    import torch.nn.functional as F
+
+    grammar = world.all_judge_captions()
+    x = _to_tensor([world.render(sc, st, seed + k) for k in range(2) for sc, st, _ in grammar])
+    labels = torch.arange(len(grammar)).repeat(2)
+    result = {}
+    with torch.no_grad():
+        text = F.normalize(judge.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        for name, pixels in (("drawn", x), ("through_vae", vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1))):
+            image = F.normalize(judge.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+            result[name] = round((image @ text.T).argmax(-1).eq(labels).float().mean().item(), 4)
+    return result
+
+
 def train_judge(out: Path, steps: int, seed: int) -> None:
     import torch
     import torch.nn.functional as F
@@ -186,8 +211,11 @@ def train_judge(out: Path, steps: int, seed: int) -> None:
             acc = (logits.argmax(-1) == labels).float().mean().item()
             _log("judge", f"step {step}/{steps} loss {loss.item():.4f} batch accuracy {acc:.3f}")
     judge.eval()
+    accuracy = _judge_accuracy(judge, vae, ids, seed + 1000)
+    _log("judge", f"held-out accuracy (scene and style all right): {accuracy}")
     folder = out / "judge"
     judge.save_pretrained(folder, safe_serialization=True)
+    (folder / "toyworld.json").write_text(json.dumps({"steps": steps, "seed": seed, "accuracy": accuracy}, indent=1) + "\n")
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": world.SIZE}, do_center_crop=True,
@@ -204,8 +232,9 @@ def make_unet():
     return UNet2DConditionModel(
         sample_size=world.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 64), norm_num_groups=16, attention_head_dim=(2, 4, 4), cross_attention_dim=TEXT_HIDDEN,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # Attention at the two finest levels, as SD has it: a LoRA on attention reaches fine texture.
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
 
 
@@ -294,12 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="folder for vae/, judge/ and base/ (default: beside this file)")
     parser.add_argument("--stages", default="vae,judge,base")
-    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--vae-steps", type=int, default=1600)
     parser.add_argument("--judge-steps", type=int, default=1500)
-    parser.add_argument("--base-steps", type=int, default=6000)
+    parser.add_argument("--base-steps", type=int, default=4000)
     parser.add_argument("--images", type=int, default=24000, help="plain scenes the base trains on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for models this small)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
     import torch
 
