@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from .header import build_header, wire_header
-from .tabs import captions, generate, publish, train, upload
+from .tabs import captions, generate, publish, rate, train, upload
 
 CSS = """
 .notice { background: var(--color-accent-soft); border-radius: 8px; padding: 4px 12px; }
@@ -41,6 +41,7 @@ def build_app() -> gr.Blocks:
             train.build(shared)
             generate.build(shared)
             publish.build(shared)
+            rate.build(shared)
         gr.Markdown("Your runs stay on this server and only this browser can see them; reloading the page keeps them.",
                     elem_classes=["caption-note"])
         wire_header(demo, shared)
