@@ -214,3 +214,14 @@ def test_the_checkpoint_grid_labels_every_cell_and_frames_the_pick(run, evaluate
 
     assert labelled.width >= 2 * 160  # small cells are enlarged so their labels fit
     assert orange(pick_row) > 0 and orange(1 - pick_row) == 0
+
+
+def test_the_train_tab_section_shows_the_table_the_plot_and_the_pick(run, evaluated):
+    from lora_trainer.ui.evaluation import view
+
+    summary, table, plot = view(run)
+    pick = evaluated["recommendation"]["name"]
+    assert pick in summary and "kid skipped" in summary
+    assert list(table["checkpoint"]) == [("★ " if n == pick else "") + n for n in ("base", "step-000010", "step-000020")]
+    assert set(plot["metric"]) == {"style", "adherence", "leak"} and sorted(set(plot["step"])) == [0, 10, 20]
+    assert view(run.parent / "nothing")[1] is None

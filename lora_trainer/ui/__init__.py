@@ -24,7 +24,7 @@ CSS = """
 .caption-note, .caption-note p { font-size: 0.82em !important; color: var(--body-text-color-subdued); margin: 0; }
 .train-status p { font-size: 1.05em; }
 /* small images (thumbnails, the tiny model's 64 px) fill their frame instead of sitting in a corner of it */
-#gen-off img, #gen-on img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
+#gen-off img, #gen-on img, #rate-left img, #rate-right img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
 .report ul { margin-top: 0; }
 .pager { align-items: center; }
 .pager button { align-self: center; }
