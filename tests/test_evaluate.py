@@ -225,3 +225,17 @@ def test_the_train_tab_section_shows_the_table_the_plot_and_the_pick(run, evalua
     assert list(table["checkpoint"]) == [("★ " if n == pick else "") + n for n in ("base", "step-000010", "step-000020")]
     assert set(plot["metric"]) == {"style", "adherence", "leak"} and sorted(set(plot["step"])) == [0, 10, 20]
     assert view(run.parent / "nothing")[1] is None
+
+
+def test_dinov2_can_measure_style(run, tmp_path):
+    """style_model = dinov2 loads a transformers Dinov2Model folder (here a tiny random one) for style and leak."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    dino = tmp_path / "dino"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(dino)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(dino)
+    clip_rows = evaluate_run(run, fast(clip_model=TINY_CLIP), "final")
+    dino_rows = evaluate_run(run, fast(clip_model=TINY_CLIP, style_model="dinov2", dino_model=str(dino)), "final")
+    assert dino_rows[1].adherence == clip_rows[1].adherence  # adherence is always CLIP's
+    assert isinstance(dino_rows[1].style, float) and dino_rows[1].style != clip_rows[1].style
