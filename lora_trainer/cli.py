@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main = _is_main_process()
     if args.resume_from and main:
-        from .hub_checkpoints import fetch_checkpoint
+        from .hub.checkpoints import fetch_checkpoint
 
         # First, so the run's own config.toml (pushed with the checkpoint) is what the flags override.
         path = fetch_checkpoint(args.resume_from, _run_dir(args))

@@ -249,7 +249,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None) -> dict[str, Any]:
             info={**info, "steps": step, "epoch": math.ceil(step / plan.steps_per_epoch)}, captions=[i.caption for i in items],
         )
 
-    uploader = ckpts.Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints) if out.push_checkpoints_to else None
+    from .hub.checkpoints import Uploader
+    uploader = Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints) if out.push_checkpoints_to else None
 
     def wait_for_uploads() -> None:
         if uploader:

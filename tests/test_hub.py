@@ -21,9 +21,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.numpy import save_file
 
-from lora_trainer import config, hub, hub_checkpoints
+from lora_trainer import config, hub
 from lora_trainer.events import EventWriter
-from lora_trainer.hub import HubError
+from lora_trainer.hub import HubError, client, publish
+from lora_trainer.hub import checkpoints as hub_checkpoints
 
 PROMPTS = ["ohwx", "a portrait of ohwx"]
 
@@ -36,7 +37,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(hub, "RETRY_BASE_DELAY", 0.0)
+    monkeypatch.setattr(client, "RETRY_BASE_DELAY", 0.0)
     with FakeHub() as server:
         yield server
 
@@ -445,7 +446,7 @@ def test_a_private_repo_needs_a_token_that_can_read_it(fake, tmp_path):
     ],
 )
 def test_the_most_likely_lora_file_comes_first(files, expected):
-    assert hub._lora_candidates(files)[0] == expected
+    assert publish.lora_candidates(files)[0] == expected
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) 
 def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken | None = None,
                       progress=gr.Progress()) -> tuple:
     """A new run in this session from the newest checkpoint pushed to `repo_id` (config and images too), training on."""
-    from ... import hub_checkpoints
+    from ...hub import checkpoints as hub_checkpoints
 
     repo_id = (repo_id or "").strip()
     if not repo_id:

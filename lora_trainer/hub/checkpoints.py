@@ -1,33 +1,39 @@
-"""Checkpoints off the box: push a run's checkpoints to a Hub repo while it trains, fetch the newest
-one on a fresh machine (with the run's config and images) to resume from.
+"""Checkpoints off the box: push a run's checkpoints to a Hub repo while it trains (`Uploader`, in a
+background thread), fetch the newest one on a fresh machine (with the run's config and images) to resume from.
 
-Uses hub.py's token checks, retries and error messages; publishing a finished run lives there.
+Uses client.py's token checks, retries and error messages; publishing a finished run is publish.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
 
-from . import config as config_mod
-from .errors import LoraStudioError
-from .hub import (
+from .. import config as config_mod
+from ..checkpoints import prune
+from ..errors import LoraStudioError
+from .client import (
     HubError,
     PushResult,
-    _check_repo_id,
-    _commit,
-    _hub_errors,
-    _parse_spec,
-    _resolve_token,
-    _retrying,
-    _scrub,
+    check_repo_id,
     check_token,
+    commit_files,
+    hub_errors,
+    parse_spec,
+    resolve_token,
+    retrying,
+    scrub,
 )
+
+log = logging.getLogger("lora_trainer.checkpoints")
 
 DATASET_DIR = "dataset"  # a run's own copy of its images and captions (intake writes it)
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
@@ -53,9 +59,9 @@ def push_checkpoint(
     match = re.fullmatch(r"step-(\d+)", checkpoint.name)
     if not checkpoint.is_dir() or not match:
         raise HubError(f"{checkpoint} is not a checkpoint folder (expected checkpoints/step-NNNNNN/ in the run).")
-    repo_id = _check_repo_id(repo_id)
+    repo_id = check_repo_id(repo_id)
     check_token(token, repo_id.split("/")[0], endpoint)
-    token = _resolve_token(token)
+    token = resolve_token(token)
 
     prefix = f"checkpoints/step-{int(match.group(1)):06d}"
     relative = (p.relative_to(checkpoint) for p in sorted(checkpoint.rglob("*")) if p.is_file())
@@ -68,9 +74,9 @@ def push_checkpoint(
         files[config_mod.CONFIG_FILENAME] = run_dir / config_mod.CONFIG_FILENAME
     files.update(_dataset_files(run_dir))
     api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(token, f"pushing a checkpoint to {repo_id}", repo_id):
-        _retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=True, exist_ok=True))
-        info = _commit(api, repo_id, files, [], f"Checkpoint {prefix.split('/')[1]}")
+    with hub_errors(token, f"pushing a checkpoint to {repo_id}", repo_id):
+        retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=True, exist_ok=True))
+        info = commit_files(api, repo_id, files, [], f"Checkpoint {prefix.split('/')[1]}")
     return PushResult(url=f"{api.endpoint}/{repo_id}", files=sorted(files), commit_url=getattr(info, "commit_url", None))
 
 
@@ -102,7 +108,7 @@ def push_checkpoint_safely(
         push_checkpoint(run_dir, checkpoint_dir, repo_id, token=token, endpoint=endpoint)
     except Exception as e:  # a failed upload must never take training down
         message = str(e) if isinstance(e, HubError) else f"pushing the checkpoint failed: {type(e).__name__}: {e}"
-        return _scrub(message, _resolve_token(token))
+        return scrub(message, resolve_token(token))
     return None
 
 
@@ -113,11 +119,11 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
     downloaded into a hidden folder and renamed). config.toml and the dataset/ folder are fetched too
     when the run has none. Returns the local checkpoint folder.
     """
-    repo_id, run_dir = _parse_spec(spec), Path(run_dir)
-    token = _resolve_token(token)
+    repo_id, run_dir = parse_spec(spec), Path(run_dir)
+    token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token)
-    with _hub_errors(token, f"fetching a checkpoint from {repo_id}", repo_id):
-        listing = _retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
+    with hub_errors(token, f"fetching a checkpoint from {repo_id}", repo_id):
+        listing = retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
         steps: dict[int, list[str]] = {}
         for path in listing:
             if m := _STEP_DIR.match(path):
@@ -139,13 +145,8 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
             shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".fetch-{target.name}-", dir=target.parent))
         try:
-            for path in wanted:
-                _retrying(
-                    f"downloading {path}",
-                    lambda path=path: hf_hub_download(
-                        repo_id, path, local_dir=staging, token=token, endpoint=api.endpoint
-                    ),
-                )
+            for path in wanted:  # hf_hub_download retries timeouts and dropped connections itself
+                hf_hub_download(repo_id, path, local_dir=staging, token=token, endpoint=api.endpoint)
             if need_config:
                 os.replace(staging / config_mod.CONFIG_FILENAME, run_dir / config_mod.CONFIG_FILENAME)
             if dataset:
@@ -155,3 +156,44 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+class Uploader:
+    """Pushes checkpoints to a Hub repo one at a time, in a background thread, without blocking training.
+
+    A failed push is logged, never raised. Pruning (keep the newest `keep`) happens after each push
+    and spares checkpoints still waiting in the queue.
+    """
+
+    def __init__(self, run_dir: Path, repo: str, keep: int = 0):
+        self.run_dir, self.repo, self.keep = run_dir, repo, keep
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._pending: set[Path] = set()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, checkpoint: Path) -> None:
+        self._pending.add(checkpoint)
+        self._queue.put(checkpoint)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while (checkpoint := self._queue.get()) is not None:
+            error = push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
+            if error:
+                log.warning("checkpoint push to %s failed: %s", self.repo, error)
+            else:
+                log.info("pushed %s to %s", checkpoint.name, self.repo)
+            self._pending.discard(checkpoint)
+            if self.keep:
+                prune(self.run_dir, self.keep, protect=set(self._pending))
+
+    def close(self) -> None:
+        """Wait for every queued push to finish."""
+        if self._thread is not None:
+            if self._pending:
+                log.info("waiting for %d checkpoint upload(s) to finish", len(self._pending))
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
