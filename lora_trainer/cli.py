@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """caption and push live with their modules."""
-    from . import captioning, hub
+    """caption, push and evaluate live with their modules."""
+    from . import captioning, evaluate, hub
 
     p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
     captioning.add_caption_arguments(p)
@@ -223,6 +223,9 @@ def _add_optional_commands(sub) -> None:
     p = sub.add_parser("push", help="publish a run to the Hugging Face Hub")
     hub.add_push_arguments(p)
     p.set_defaults(func=hub.push_command)
+    p = sub.add_parser("evaluate", help="score every checkpoint (adherence, style, leak, validation loss) and pick one")
+    evaluate.add_evaluate_arguments(p)
+    p.set_defaults(func=evaluate.evaluate_command)
 
 
 def main(argv: list[str] | None = None) -> int:

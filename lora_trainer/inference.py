@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,16 @@ class Generator:
                 prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance,
                 height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
+
+    @contextmanager
+    def using(self, loras: list[LoraSpec]):
+        """Exactly these LoRAs active on `self.pipe` while the block runs its models directly (evaluation).
+
+        Holds the pipeline's lock: don't call generate() inside the block.
+        """
+        with _LOCK:
+            self._apply(loras)
+            yield self.pipe
 
     def compare(self, prompt: str, loras: list[LoraSpec], **kwargs):
         """LoRA off and on, same seed, side by side."""

@@ -12,7 +12,7 @@ import gradio as gr
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
-from .. import fields, jobs, presets, system
+from .. import evaluation, fields, jobs, presets, system
 from ..common import Shared, code, md_escape, skip_all, user_errors
 from ..header import run_picker
 from ..monitor import RunMonitor, Status, console_tail, run_status
@@ -84,6 +84,7 @@ class TrainTab:
                                      file_count="multiple", interactive=False)
             with gr.Accordion("Console output", open=False):
                 self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True)
+            self.evaluation = evaluation.build(shared)  # table, plot and the recommended checkpoint (ui/evaluation.py)
             # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
             self.timer = gr.Timer(POLL_SECONDS, active=False)
         self.view = [self.status, self.loss, self.samples, self.memory, self.files, self.console, self.timer,
