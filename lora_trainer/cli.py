@@ -1,6 +1,8 @@
 """`python -m lora_trainer <command>`: train, check, generate, caption, push.
 
-Errors a user can cause print one message that says what to do (no traceback) and exit 1.
+Every argument parser and every line the command line prints live here; the commands call the
+engine's functions. Errors a user can cause print one message that says what to do (no
+traceback) and exit 1.
 """
 
 from __future__ import annotations
@@ -209,23 +211,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="LoRA off and on, side by side, same seed")
     p.add_argument("--out", default="generated.png")
     p.set_defaults(func=cmd_generate)
-    _add_optional_commands(sub)
+    _add_caption_and_push(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """caption, push and evaluate live with their modules."""
-    from . import captioning, evaluate, hub
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption a folder; LoraStudioError propagates for main() to print as one line."""
+    from .captioning import BlipCaptioner, caption_folder
+
+    captioner = None if args.style == "trigger" else BlipCaptioner(args.model, batch_size=args.batch_size)
+
+    def report_progress(done: int, total: int) -> None:
+        print(f"\rcaptioned {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    result = caption_folder(
+        args.folder, captioner, trigger=args.trigger, style=args.style, template=args.template, suffix=args.suffix,
+        overwrite=args.overwrite, batch_size=args.batch_size, progress=report_progress,
+    )
+    print(result.summary())
+    return 1 if result.failed else 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Publish a run: print the repo URL (progress on stderr)."""
+    from .hub import push_run
+
+    result = push_run(
+        args.run, args.repo, token=args.token, private=args.private, endpoint=args.endpoint,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    print(result.url)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoints: progress lines, then the table (the pick marked)."""
+    from .eval_report import table_text
+    from .evaluate import evaluate, settings_from
+
+    values = {}
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise config_mod.ConfigError(f"--set {assignment!r}: expected FIELD=VALUE")
+        values[key.strip().removeprefix("eval.")] = value
+    which = args.checkpoints[0] if args.checkpoints in (["all"], ["final"]) else args.checkpoints
+    data = evaluate(Path(args.run), settings_from(values), which, device=args.device,
+                    progress=lambda fraction, text: print(f"[{fraction:4.0%}] {text}", flush=True))
+    print(table_text(data))
+    return 0
+
+
+def _add_caption_and_push(sub) -> None:
+    from .captioning import DEFAULT_CAPTION_MODEL, DEFAULT_TEMPLATE, LIGHT_CAPTION_MODEL, STYLES
 
     p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
-    captioning.add_caption_arguments(p)
-    p.set_defaults(func=captioning.caption_command)
+    p.add_argument("folder", metavar="DIR", help="Dataset folder: images (recursively) get a same-named .txt caption.")
+    p.add_argument("--trigger", default="", help="Trigger word placed by --template (e.g. ohwx).")
+    p.add_argument("--style", choices=STYLES, default="sparse",
+                   help="sparse: subject only, style words stripped (style LoRAs); full: all BLIP says; "
+                        "trigger: the trigger word alone (no model).")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Where the trigger goes: {trigger} and {caption}.")
+    p.add_argument("--suffix", default="", help="Appended to every caption, e.g. 'in the style of {trigger}'.")
+    p.add_argument("--overwrite", action="store_true", help="Replace existing captions (kept by default).")
+    p.add_argument("--model", default=DEFAULT_CAPTION_MODEL,
+                   help=f"BLIP captioning model: Hub id or local folder ({LIGHT_CAPTION_MODEL} is lighter).")
+    p.add_argument("--batch-size", type=int, default=8, help="Images captioned at once (lower it if memory runs out).")
+    p.set_defaults(func=cmd_caption)
+
     p = sub.add_parser("push", help="publish a run to the Hugging Face Hub")
-    hub.add_push_arguments(p)
-    p.set_defaults(func=hub.push_command)
+    p.add_argument("run", metavar="RUN", help="Run folder with a finished final/ LoRA.")
+    p.add_argument("--repo", required=True, help="Hub repo to publish to: user/name or org/name (created if missing).")
+    p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its visibility).")
+    # No default value here: a default would print the token in --help. It is read when pushing.
+    p.add_argument(
+        "--token", default=None,
+        help="Hub token with write access; default: the HF_TOKEN environment variable (safer than this flag, "
+        "which other users of the machine can see in the process list), then `hf auth login`'s token.",
+    )
+    p.add_argument("--endpoint", default=None, help="Hub URL; default: HF_ENDPOINT or https://huggingface.co.")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("evaluate", help="score every checkpoint (adherence, style, leak, validation loss) and pick one")
-    evaluate.add_evaluate_arguments(p)
-    p.set_defaults(func=evaluate.evaluate_command)
+    p.add_argument("run", metavar="RUN", help="run folder (with checkpoints/ and final/)")
+    p.add_argument("--checkpoints", nargs="+", default=["all"], metavar="all|final|STEP",
+                   help="which checkpoints to evaluate besides the base model (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an evaluation setting, e.g. --set seeds=4 --set clip_model=./my-clip")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.set_defaults(func=cmd_evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "attention+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# A Hugging Face Hub repo id, user/name or org/name (the Hub allows 96 characters a part).
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -236,8 +239,6 @@ def _coerce(dotted: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_rules(dotted: str, value: Any, meta: dict[str, Any]) -> list[str]:
-    import re
-
     errors = []
     if "choices" in meta and value not in meta["choices"]:
         errors.append(f"{dotted} = {value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
@@ -271,7 +272,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             errors += _check_rules(dotted, value, f.metadata)
     if cfg.lora.targets == "custom" and not cfg.lora.custom_targets:
         errors.append("lora.custom_targets must list at least one module name when lora.targets = 'custom'")
-    if cfg.output.push_checkpoints_to and cfg.output.push_checkpoints_to.count("/") != 1:
+    if cfg.output.push_checkpoints_to and not REPO_ID.match(cfg.output.push_checkpoints_to):
         errors.append(f"output.push_checkpoints_to = {cfg.output.push_checkpoints_to!r} must look like user/name")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,8 +1,8 @@
 """The training dataset: read a prepared folder, assign aspect-ratio buckets, plan the batches.
 
-The folder (written by intake.py, or by hand) holds images with same-named `.txt` captions;
-sub-folders named `N_name` (kohya layout) repeat their images N times per epoch. An image
-without a caption is captioned with the trigger word alone.
+The folder (written by intake, or by hand) holds images with same-named `.txt` captions, read by
+intake.captionfiles (the one caption reader); sub-folders named `N_name` (kohya layout) repeat
+their images N times per epoch. An image without a caption is captioned with the trigger word alone.
 
 The batch plan is a pure function of (items, seed, epoch): every epoch's order, every flip,
 is derived from the seed, so a resumed run sees exactly the batches an uninterrupted run
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DatasetError
-from .intake.captionfiles import iter_images
+from .intake.captionfiles import iter_images, read_caption_file
 from .intake.sources import MAX_REPEATS, REPEATS_RE
-
-CAPTION_SUFFIXES = (".txt", ".caption")
+from .tiny import TINY_BUCKET_STEP, TINY_MODELS
 
 
 @dataclass
@@ -31,14 +30,6 @@ class Item:
     repeats: int
     size: tuple[int, int]  # original (width, height)
     bucket: tuple[int, int] = (0, 0)  # training (width, height)
-
-
-def _caption_for(image: Path) -> str | None:
-    for suffix in CAPTION_SUFFIXES:
-        path = image.with_suffix(suffix)
-        if path.exists():
-            return path.read_text(encoding="utf-8", errors="replace").strip()
-    return None
 
 
 def _folder_repeats(image: Path, root: Path) -> int:
@@ -66,8 +57,7 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
                     size = size[::-1]
         except Exception:  # noqa: BLE001 - intake reports bad files; the trainer just skips them
             continue
-        caption = _caption_for(path)
-        items.append(Item(path, caption if caption else trigger, _folder_repeats(path, root), size))
+        items.append(Item(path, read_caption_file(path) or trigger, _folder_repeats(path, root), size))
     if not items:
         raise DatasetError(f"no usable images in {root}; add .png/.jpg/.webp images (with optional .txt captions)")
     return items
@@ -76,8 +66,8 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
 # -- buckets -------------------------------------------------------------------------------------
 def bucket_step_for(base: str, bucket_step: int) -> int:
     """`bucket_step` rounded up to what the model needs: latent sides must divide by the UNet's downsampling
-    (x64 pixels for SD / SDXL, x16 for the built-in tiny models)."""
-    multiple = 16 if base.strip().startswith("builtin:") else 64
+    (x64 pixels for SD / SDXL, TINY_BUCKET_STEP for the built-in tiny models)."""
+    multiple = TINY_BUCKET_STEP if base.strip() in TINY_MODELS else 64
     return max(bucket_step, multiple) // multiple * multiple
 
 

@@ -336,29 +336,4 @@ def evaluate(
 
 
 # -- command line ---------------------------------------------------------------------------------------------
-def add_evaluate_arguments(p) -> None:
-    p.add_argument("run", help="run folder (with checkpoints/ and final/)")
-    p.add_argument("--checkpoints", nargs="+", default=["all"], metavar="all|final|STEP",
-                   help="which checkpoints to evaluate besides the base model (default: all)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="an evaluation setting, e.g. --set seeds=4 --set clip_model=./my-clip")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-
-
-def evaluate_command(args) -> int:
-    from .eval_report import table_text
-
-    values = {}
-    for assignment in args.set:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE")
-        values[key.strip().removeprefix("eval.")] = value
-    which = args.checkpoints[0] if args.checkpoints in (["all"], ["final"]) else args.checkpoints
-    data = evaluate(Path(args.run), settings_from(values), which, device=args.device,
-                    progress=lambda fraction, text: print(f"[{fraction:4.0%}] {text}", flush=True))
-    print(table_text(data))
-    return 0
-
-
 __all__ = ["EvalSettings", "Recommendation", "Row", "evaluate", "evaluate_run", "recommend"]

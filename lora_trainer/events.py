@@ -24,37 +24,38 @@ EVENTS_FILENAME = "events.jsonl"
 EVENT_TYPES = ("started", "step", "sample", "checkpoint", "stopped", "finished", "failed")
 
 
+def make_event(type: str, /, **fields: Any) -> dict[str, Any]:
+    """An event of a known type, stamped with the time."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    return {"type": type, "time": round(time.time(), 3), **fields}
+
+
 class EventWriter:
-    """Appends events; a failure to write never takes training down (the run matters more)."""
+    """Appends events; a failure to write never takes training down (the run matters more).
+
+    Callable with an event, so it can be one of a recorder's listeners.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
-        if type not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {type!r}")
-        event = {"type": type, "time": round(time.time(), 3), **fields}
+    def emit(self, type: str, /, **fields: Any) -> dict[str, Any]:
+        event = make_event(type, **fields)
+        self(event)
+        return event
+
+    def __call__(self, event: dict[str, Any]) -> None:
         try:
             self._file.write(json.dumps(event, default=str) + "\n")
             self._file.flush()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: written after close
             pass
-        return event
 
     def close(self) -> None:
         self._file.close()
-
-
-class NullWriter:
-    """What non-main processes of a multi-process run write with: nothing."""
-
-    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
-        return {"type": type, **fields}
-
-    def close(self) -> None:
-        pass
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -81,6 +82,17 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]]
         if isinstance(event, dict) and "type" in event:
             events.append(event)
     return events, offset + end + 1
+
+
+def smooth_losses(values: list[float]) -> list[float]:
+    """The smoothed loss curve the app and the model card draw: a debiased exponential moving average
+    (TensorBoard's), whose window grows with the run so a short run is not flattened."""
+    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight else v)
+    return out
 
 
 def last_event(path: str | Path, *types: str) -> dict[str, Any] | None:

@@ -15,12 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import REPO_ID
 from .errors import ModelLoadError
 from .tiny import TINY_MODELS, tiny_model_path
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Families of well-known Hub bases, so a pre-flight or the app knows them before (or without) a download.
+KNOWN_KINDS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "runwayml/stable-diffusion-v1-5": "sd",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", **TINY_MODELS,
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,22 @@ class BaseModel:
 
 def _kind_from_class_name(name: str) -> str:
     return "sdxl" if "XL" in name else "sd"
+
+
+def guess_kind(spec: str) -> str:
+    """'sd' or 'sdxl' without downloading anything: known ids, local models, else a guess by name.
+
+    The one place the family of a base is decided before it is resolved (pre-flight, the app, the card).
+    """
+    spec = (spec or "").strip()
+    if spec in KNOWN_KINDS:
+        return KNOWN_KINDS[spec]
+    if Path(spec).expanduser().exists():
+        try:
+            return resolve(spec).kind
+        except Exception:  # noqa: BLE001 - an unreadable model is reported when it is resolved for real
+            pass
+    return "sdxl" if "xl" in spec.lower() else "sd"
 
 
 def _kind_from_single_file(path: Path) -> str:
@@ -102,8 +124,7 @@ def resolve(spec: str, revision: str = "") -> BaseModel:
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"base model '{spec}' is a {path.suffix or 'suffix-less'} file; expected .safetensors or .ckpt")
         return BaseModel(spec, _kind_from_single_file(path), str(path), "single_file")
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
-    if not looks_like_hub_id:
+    if not REPO_ID.match(spec):
         raise ModelLoadError(
             f"base model '{spec}' not found: no such local folder or file, and it is not a Hub id (org/name); "
             f"use a Hub id, a local diffusers folder, a .safetensors file, or one of {', '.join(TINY_MODELS)}"

@@ -15,6 +15,8 @@ from typing import Any
 
 from . import dataset as ds
 from .config import TrainConfig
+from .models import guess_kind
+from .plan import plan_run
 from .tiny import TINY_MODELS
 
 # Rough seconds per optimizer step at batch size 1, measured on the tiny model on 2 CPU cores and
@@ -22,10 +24,6 @@ from .tiny import TINY_MODELS
 TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS = 0.04, 0.02
 GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
 GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
-KNOWN_KINDS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "runwayml/stable-diffusion-v1-5": "sd",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", **TINY_MODELS,
-}
 
 
 def gpu_present() -> bool:
@@ -34,21 +32,6 @@ def gpu_present() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
-
-
-def guess_kind(base: str) -> str:
-    """'sd' or 'sdxl' without downloading anything: known ids, local models, else a guess by name."""
-    base = (base or "").strip()
-    if base in KNOWN_KINDS:
-        return KNOWN_KINDS[base]
-    if Path(base).expanduser().exists():
-        from .models import resolve
-
-        try:
-            return resolve(base).kind
-        except Exception:  # noqa: BLE001 - an unreadable model is reported when training starts
-            pass
-    return "sdxl" if "xl" in base.lower() else "sd"
 
 
 def estimate_seconds(cfg: TrainConfig, total_steps: int, gpu: bool) -> float | None:
@@ -128,19 +111,15 @@ class Preflight:
 
 def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", processes: int | None = None,
               gpu: bool | None = None) -> Preflight:
-    """Scan the dataset and plan the run exactly as the trainer will; raises DatasetError if it can't train."""
+    """Scan the dataset and plan the run exactly as the trainer will (`plan_run`); raises DatasetError if it can't train."""
+    run = plan_run(cfg, run_dir, processes)
     data = cfg.data
-    images_dir = Path(data.images) if Path(data.images).is_absolute() else Path(run_dir) / data.images
-    items = ds.scan(images_dir, data.trigger)
-    used = ds.assign_buckets(items, data.resolution, ds.bucket_step_for(cfg.model.base, data.bucket_step), data.buckets)
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
-    plan = ds.make_plan(items, cfg.optim.batch_size, cfg.optim.gradient_accumulation, processes, cfg.optim.steps, cfg.optim.epochs)
     return Preflight(
-        config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=images_dir,
-        images=len(items), per_epoch=sum(i.repeats for i in items),
-        captioned=sum(1 for i in items if i.caption != data.trigger), trigger=data.trigger,
-        buckets=[(w, h, sum(1 for i in items if i.bucket == (w, h))) for w, h in used], plan=plan, processes=processes,
+        config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=run.images_dir,
+        images=len(run.items), per_epoch=run.per_epoch,
+        captioned=sum(1 for i in run.items if i.caption != data.trigger), trigger=data.trigger,
+        buckets=run.bucket_counts(), plan=run.batches, processes=run.processes,
         batch_size=cfg.optim.batch_size, accumulation=cfg.optim.gradient_accumulation,
-        estimate_seconds=estimate_seconds(cfg, plan.total_steps, gpu_present() if gpu is None else gpu),
-        small=[i.image.name for i in items if min(i.size) < data.resolution], resolution=data.resolution,
+        estimate_seconds=estimate_seconds(cfg, run.total_steps, gpu_present() if gpu is None else gpu),
+        small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
     )

@@ -22,7 +22,8 @@ from lora_trainer.formats import DIFFUSERS_FILENAME
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+# Timeouts here guard against a hang; they are no budget (a loaded machine is slow, and that is no defect).
+def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lora_trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -36,7 +37,7 @@ def start(*args: str) -> subprocess.Popen:
     )
 
 
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 1800) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if any(e["type"] == "step" and e["step"] >= step for e in read_events(run / "events.jsonl")[0]):
@@ -216,3 +217,16 @@ def test_two_processes_take_images_in_once(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run / "dataset").iterdir()) == [f"img00{i}.{e}" for i in range(3) for e in ("png", "txt")]
     assert result.stdout.count("3 images added") == 1
+
+
+def test_caption_with_the_trigger_style_writes_captions_from_the_command_line(tmp_path):
+    images = make_images(tmp_path / "images", 2, captions=False)
+    result = cli("caption", str(images), "--trigger", "zwx", "--style", "trigger")
+    assert result.returncode == 0, result.stderr
+    assert (images / "img000.txt").read_text() == "zwx" and "captioned 2/2" in result.stderr
+
+
+def test_push_of_a_run_without_a_lora_is_one_line_naming_it(tmp_path):
+    result = cli("push", str(tmp_path / "nothing"), "--repo", "someone/lora")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "There is no run folder" in result.stderr and str(tmp_path / "nothing") in result.stderr

@@ -6,7 +6,6 @@ Hub stored and on what landed on disk.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -21,7 +20,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.numpy import save_file
 
-from lora_trainer import config, hub
+from lora_trainer import cli, config, hub
 from lora_trainer.events import EventWriter
 from lora_trainer.hub import HubError, client, publish
 from lora_trainer.hub import checkpoints as hub_checkpoints
@@ -451,20 +450,18 @@ def test_the_most_likely_lora_file_comes_first(files, expected):
 
 # -- command line -----------------------------------------------------------------------------------
 def test_push_command_prints_the_url(fake, tmp_path, capsys):
-    parser = hub.add_push_arguments(argparse.ArgumentParser())
     run = make_run(tmp_path / "run")
-    args = parser.parse_args([str(run), "--repo", "alice/cli-lora", "--token", WRITE_TOKEN, "--endpoint", fake.url])
+    argv = ["push", str(run), "--repo", "alice/cli-lora", "--token", WRITE_TOKEN, "--endpoint", fake.url]
 
-    assert hub.push_command(args) == 0
+    assert cli.main(argv) == 0
     assert capsys.readouterr().out.strip() == f"{fake.url}/alice/cli-lora"
 
 
 def test_push_command_prints_the_problem_and_returns_1(fake, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", READ_TOKEN)  # --token defaults to HF_TOKEN
-    parser = hub.add_push_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(make_run(tmp_path / "run")), "--repo", "alice/cli-lora", "--endpoint", fake.url])
+    argv = ["push", str(make_run(tmp_path / "run")), "--repo", "alice/cli-lora", "--endpoint", fake.url]
 
-    assert hub.push_command(args) == 1
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "read-only" in err and READ_TOKEN not in err
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import make_images, tiny_config
 
-from lora_trainer.preflight import format_duration, guess_kind, preflight
+from lora_trainer.models import guess_kind
+from lora_trainer.preflight import format_duration, preflight
 
 
 def test_preflight_plans_like_the_trainer_and_estimates_the_tiny_model(tmp_path):
@@ -16,6 +17,27 @@ def test_preflight_plans_like_the_trainer_and_estimates_the_tiny_model(tmp_path)
     assert report.estimate_seconds is not None and 10 < report.estimate_seconds < 60
     text = report.format()
     assert "plan: 100 steps" in text and "estimated time: about" in text
+
+
+def test_preflight_predicts_the_steps_epochs_and_buckets_the_trainer_runs(tmp_path):
+    from lora_trainer import config as config_mod
+    from lora_trainer.events import read_events
+    from lora_trainer.train import train
+
+    make_images(tmp_path / "images", 3)
+    make_images(tmp_path / "images" / "2_more", 2, sizes=((96, 64),))  # kohya repeats and a second bucket
+    cfg = tiny_config(tmp_path / "images", optim__epochs=2, optim__batch_size=2)
+    run = tmp_path / "run"
+    config_mod.save(cfg, run)
+    report = preflight(run, cfg, gpu=False)
+    train(run, cfg)
+    events = read_events(run / "events.jsonl")[0]
+    started = next(e for e in events if e["type"] == "started")
+    assert started["total_steps"] == report.plan.total_steps == sum(e["type"] == "step" for e in events)
+    assert started["plan"]["steps_per_epoch"] == report.plan.steps_per_epoch
+    assert started["plan"]["epochs"] == report.plan.epochs == 2
+    assert started["plan"]["buckets"] == [[w, h] for w, h, _ in report.buckets] and len(report.buckets) > 1
+    assert started["plan"]["repeats"] == report.per_epoch == 3 + 2 * 2
 
 
 @pytest.mark.parametrize("gpu, expect_estimate", [(False, False), (True, True)])

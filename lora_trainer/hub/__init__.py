@@ -14,9 +14,9 @@ from __future__ import annotations
 from .checkpoints import Uploader, fetch_checkpoint, push_checkpoint, push_checkpoint_safely
 from .client import HubError, PushResult, check_token
 from .modelcard import loss_curve_png, render_model_card
-from .publish import add_push_arguments, download_lora, push_command, push_run
+from .publish import download_lora, push_run
 
 __all__ = [
-    "HubError", "PushResult", "Uploader", "add_push_arguments", "check_token", "download_lora", "fetch_checkpoint",
-    "loss_curve_png", "push_checkpoint", "push_checkpoint_safely", "push_command", "push_run", "render_model_card",
+    "HubError", "PushResult", "Uploader", "check_token", "download_lora", "fetch_checkpoint",
+    "loss_curve_png", "push_checkpoint", "push_checkpoint_safely", "push_run", "render_model_card",
 ]

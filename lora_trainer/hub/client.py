@@ -15,7 +15,6 @@ The token is only ever handed to huggingface_hub: never written to a run folder,
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from huggingface_hub.utils import (
     _http as hf_http,  # default_client_factory: the client huggingface_hub builds
 )
 
+from ..config import REPO_ID
 from ..errors import LoraStudioError
 
 # Retries of network/server errors: attempts in all, the first pause (doubled each time), and no new
@@ -59,7 +59,6 @@ READ_TIMEOUT = 60.0
 TIMEOUT_ENV = "LORA_STUDIO_HUB_TIMEOUT"  # overrides READ_TIMEOUT (seconds), e.g. for tests of a hung Hub
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _WRITE_ROLES = ("admin", "write", "contributor")  # org roles that may create and push repos
 
 T = TypeVar("T")

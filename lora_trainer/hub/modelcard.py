@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import config as config_mod
 from ..errors import LoraStudioError
-from ..events import EVENTS_FILENAME, read_events
-from ..formats import DIFFUSERS_FILENAME, INFO_FILENAME, read_kohya_metadata
+from ..events import EVENTS_FILENAME, read_events, smooth_losses
+from ..formats import DIFFUSERS_FILENAME, INFO_FILENAME, read_safetensors_metadata
+from ..models import guess_kind
 from .client import looks_like_repo_id
 
 LOSS_CURVE = "loss.png"
@@ -92,7 +93,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
     cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
     info = _read_json(final / INFO_FILENAME)
     kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_FILENAME)
-    metadata = _safetensors_metadata(kohya[0]) if kohya else {}
+    metadata = read_safetensors_metadata(kohya[0]) if kohya else {}
     events, _ = read_events(run_dir / EVENTS_FILENAME)
 
     base = info.get("base") or (cfg.model.base if cfg else "") or "unknown"
@@ -128,20 +129,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The kohya file's metadata; {} for a file that is not a readable .safetensors."""
-    try:
-        return read_kohya_metadata(path)
-    except Exception:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
-        return {}
-
-
 def _kind(info: dict[str, Any], metadata: dict[str, str], base: str) -> str:
     if info.get("kind") in LICENSES:
         return info["kind"]
     if "ss_base_model_version" in metadata:
         return "sdxl" if "xl" in metadata["ss_base_model_version"] else "sd"
-    return "sdxl" if "xl" in base.lower() else "sd"
+    return guess_kind(base)
 
 
 def _steps(info: dict[str, Any], metadata: dict[str, str], events: list[dict[str, Any]]) -> int | None:
@@ -309,16 +302,6 @@ def _loss_points(events: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Debiased exponential moving average (what TensorBoard draws); the window grows with the run."""
-    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i) if weight else v)
-    return out
-
-
 def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: int = 320) -> bytes:
     """A PNG line chart of the raw (light) and smoothed (dark) training loss, drawn with PIL."""
     points = _loss_points(events)
@@ -333,7 +316,7 @@ def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: i
 
     steps = [s for s, _ in points]
     raw = [v for _, v in points]
-    smooth = _smooth(raw)
+    smooth = smooth_losses(raw)
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
     # Clip the top at the 99th percentile so one spike does not flatten the whole curve.
     lo, hi = min(raw), sorted(raw)[min(len(raw) - 1, int(0.99 * len(raw)))]

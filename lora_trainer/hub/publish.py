@@ -7,17 +7,14 @@ the retries and the messages).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
 
 from .. import config as config_mod
-from ..errors import LoraStudioError
 from ..formats import DIFFUSERS_FILENAME
 from .client import (
     HubError,
@@ -151,35 +148,3 @@ def download_lora(
 
 
 # -- command line -----------------------------------------------------------------------------------
-def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `python -m lora_trainer push RUN --repo user/name [--private] [--token T]`."""
-    parser.add_argument("run", metavar="RUN", help="Run folder with a finished final/ LoRA.")
-    parser.add_argument("--repo", required=True, help="Hub repo to publish to: user/name or org/name (created if missing).")
-    parser.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its visibility).")
-    # No default value here: a default would print the token in --help. It is read when pushing.
-    parser.add_argument(
-        "--token",
-        default=None,
-        help="Hub token with write access; default: the HF_TOKEN environment variable (safer than this flag, "
-        "which other users of the machine can see in the process list), then `hf auth login`'s token.",
-    )
-    parser.add_argument("--endpoint", default=None, help="Hub URL; default: HF_ENDPOINT or https://huggingface.co.")
-    return parser
-
-
-def push_command(args: argparse.Namespace) -> int:
-    """Run `push` from parsed arguments: print the repo URL and return 0, or print the problem and return 1."""
-    try:
-        result = push_run(
-            args.run,
-            args.repo,
-            token=args.token,
-            private=args.private,
-            endpoint=getattr(args, "endpoint", None),
-            progress=lambda message: print(message, file=sys.stderr),
-        )
-    except LoraStudioError as e:  # HubError, or ConfigError for a broken config.toml
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(result.url)
-    return 0

@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 from functools import cache
 
-from ..preflight import gpu_present, guess_kind
+from ..models import guess_kind
+from ..preflight import gpu_present
+from ..tiny import TINY_BUCKET_STEP, TINY_RESOLUTION  # noqa: F401 - the UI's names for them
+from ..tiny import TINY_MODELS as TINY_BASES
 
 TINY_SD = "builtin:tiny-sd"
 TINY_SDXL = "builtin:tiny-sdxl"
@@ -21,8 +24,6 @@ BASE_CHOICES = [
     ("Tiny SD (built in, for trying things on a CPU)", TINY_SD),
     ("Tiny SDXL (built in, for trying things on a CPU)", TINY_SDXL),
 ]
-TINY_BASES = {TINY_SD: "sd", TINY_SDXL: "sdxl"}
-TINY_RESOLUTION, TINY_BUCKET_STEP = 64, 16  # what the tiny models train at (lora_trainer/tiny.py)
 
 
 @cache
