@@ -7,7 +7,8 @@ hf_hub_download (HEAD and GET on /resolve/), so tests drive the real client agai
 
 Tokens: WRITE_TOKEN (user alice, member of alice-org with the write role and of viewers-org with
 the read role), READ_TOKEN (alice, read-only) and FINE_GRAINED_TOKEN (alice, may write to her own
-namespace only). Any other token gets 401. `fail_next` makes the next requests answer 503.
+namespace only). Any other token gets 401. `fail_next` makes the next requests answer 503;
+`hang_next` makes the server read the next requests and never answer them (until it shuts down).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class FakeHub:
         }
         self.requests: list[tuple[str, str]] = []
         self._failures: list[list[Any]] = []  # [remaining, status, path substring]
+        self._hangs: list[list[Any]] = []  # [remaining, path substring]
+        self.hung: list[str] = []  # paths of the requests left without an answer
+        self._released = threading.Event()  # set on shutdown: hung requests end (unanswered)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -93,6 +97,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -100,6 +105,29 @@ class FakeHub:
         """Answer the next `count` requests whose path contains `path_contains` with `status`."""
         with self._lock:
             self._failures.append([count, status, path_contains])
+
+    def hang_next(self, count: int, path_contains: str = "") -> None:
+        """Read the next `count` requests whose path contains `path_contains`, and never answer them."""
+        with self._lock:
+            self._hangs.append([count, path_contains])
+
+    def answer_again(self) -> None:
+        """Answer every request normally from now on (requests already hung stay unanswered)."""
+        with self._lock:
+            self._hangs.clear()
+            self._failures.clear()
+
+    def take_hang(self, path: str) -> bool:
+        with self._lock:
+            for hang in self._hangs:
+                if hang[0] > 0 and hang[1] in path:
+                    hang[0] -= 1
+                    self.hung.append(path)
+                    return True
+        return False
+
+    def wait_released(self) -> None:
+        self._released.wait()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> Repo:
         """Seed a repo as if someone else had pushed it."""
@@ -182,6 +210,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.hub.requests.append((method, url.path))
+        if self.hub.take_hang(url.path):
+            self.hub.wait_released()  # the request was accepted (its body read); no answer ever comes
+            self.close_connection = True
+            return None
         if (status := self.hub.take_failure(url.path)) is not None:
             return self._send(status, {"error": "Service temporarily unavailable (fake hub)"})
         try:
@@ -313,3 +345,24 @@ class _Handler(BaseHTTPRequestHandler):
         data = stored.files[path]
         headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
         self._send(200, data, headers)
+
+
+def wait_following_progress(proc, progress, idle_limit: float = 90.0, poll: float = 0.2) -> int:
+    """Wait for `proc` to exit while `progress()` keeps changing; kill it and fail if it stalls.
+
+    `progress` returns anything comparable (request counts, file sizes): a process that changes
+    nothing for `idle_limit` seconds is hung, however loaded the machine is otherwise.
+    """
+    import time
+
+    last, since = progress(), time.monotonic()
+    while proc.poll() is None:
+        time.sleep(poll)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > idle_limit:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the process made no progress for {idle_limit:g} s (last: {last!r}): it hangs")
+    return proc.returncode

@@ -144,6 +144,18 @@ def test_model_card_body_says_how_to_use_the_lora(tmp_path):
     assert "![Training loss](loss.png)" in text
 
 
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_model_card_tells_a1111_users_not_to_use_a_dora_lora(tmp_path, use_dora):
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "final" / "lora_info.json").read_text())
+    (run / "final" / "lora_info.json").write_text(json.dumps({**info, "use_dora": use_dora}))
+    text = ModelCard(hub.render_model_card(run, "alice/my-lora")).text
+
+    assert ("Do not use it in AUTOMATIC1111 or Forge" in text) is use_dora
+    assert ("<lora:my-lora:1>" in text) is not use_dora  # the A1111 prompt syntax only where it works
+    assert "ComfyUI" in text and "[`my-lora.safetensors`](./my-lora.safetensors)" in text
+
+
 @pytest.mark.parametrize(
     ("base", "kind", "base_model", "license", "family_tag"),
     [

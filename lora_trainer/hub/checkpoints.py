@@ -6,6 +6,7 @@ Uses client.py's token checks, retries and error messages; publishing a finished
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -13,13 +14,16 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi, hf_hub_download
 
 from .. import config as config_mod
-from ..checkpoints import prune
+from ..checkpoints import TRAINER_STATE, prune
 from ..errors import LoraStudioError
+from ..fsutil import atomic_write_text
 from .client import (
     HubError,
     PushResult,
@@ -36,6 +40,9 @@ from .client import (
 log = logging.getLogger("lora_trainer.checkpoints")
 
 DATASET_DIR = "dataset"  # a run's own copy of its images and captions (intake writes it)
+PENDING_FILE = "upload_pending.json"  # in the run folder: checkpoints not on the Hub yet, and why
+UPLOAD_WAIT = 30.0  # seconds a stop or the end of training waits for uploads still running
+UPLOAD_WAIT_ENV = "LORA_STUDIO_UPLOAD_WAIT"  # overrides UPLOAD_WAIT, e.g. for tests
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
 
 
@@ -158,21 +165,94 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
     return target
 
 
+# -- the uploader: pushes while training, never holds up a stop or the end for long ----------------
+def upload_wait() -> float:
+    """UPLOAD_WAIT, or the LORA_STUDIO_UPLOAD_WAIT environment variable (seconds) when it is a number >= 0."""
+    try:
+        value = float(os.environ.get(UPLOAD_WAIT_ENV, ""))
+    except ValueError:
+        return UPLOAD_WAIT
+    return value if value >= 0 else UPLOAD_WAIT
+
+
+def pending_uploads(run_dir: str | Path) -> dict[str, Any] | None:
+    """What the run's last uploader could not push: {"repo", "checkpoints": [run-relative paths], "message"}."""
+    try:
+        record = json.loads((Path(run_dir) / PENDING_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("checkpoints"), list):
+        return None
+    return record
+
+
+def retry_pending_uploads(run_dir: str | Path, *, token: str | None = None, endpoint: str | None = None) -> list[str]:
+    """Push the checkpoints a run recorded as not uploaded (to the repo it recorded); return those still not pushed.
+
+    Never raises: what fails stays recorded, with the reason, for the next try.
+    """
+    run_dir = Path(run_dir)
+    record = pending_uploads(run_dir)
+    if not record:
+        return []
+    left, reason = [], ""
+    for rel in record["checkpoints"]:
+        if not (run_dir / rel / TRAINER_STATE).is_file():
+            continue  # pruned or deleted since: nothing to push
+        error = push_checkpoint_safely(run_dir, run_dir / rel, record["repo"], token=token, endpoint=endpoint)
+        if error:
+            left.append(rel)
+            reason = error
+    _write_pending(run_dir, record["repo"], left, reason)
+    return left
+
+
+def _write_pending(run_dir: Path, repo: str, checkpoints: list[str], message: str) -> None:
+    path = run_dir / PENDING_FILE
+    if checkpoints:
+        atomic_write_text(path, json.dumps({"repo": repo, "checkpoints": checkpoints, "message": message}, indent=1))
+    else:
+        path.unlink(missing_ok=True)
+
+
 class Uploader:
     """Pushes checkpoints to a Hub repo one at a time, in a background thread, without blocking training.
 
-    A failed push is logged, never raised. Pruning (keep the newest `keep`) happens after each push
-    and spares checkpoints still waiting in the queue.
+    Every checkpoint not yet on the Hub (queued, uploading, or failed) is recorded in the run's
+    upload_pending.json as it changes, so even a killed trainer leaves the record; a new Uploader on
+    the same run (a resume) pushes those first. `close` waits at most `wait` seconds (UPLOAD_WAIT,
+    30 s by default) and reports what is still not uploaded through `on_pending` (the trainer emits
+    it as an `upload_pending` event). A failed push is logged, never raised. Pruning (keep the newest
+    `keep`) happens after each push and spares checkpoints still queued.
     """
 
-    def __init__(self, run_dir: Path, repo: str, keep: int = 0):
-        self.run_dir, self.repo, self.keep = run_dir, repo, keep
+    def __init__(
+        self,
+        run_dir: Path,
+        repo: str,
+        keep: int = 0,
+        *,
+        wait: float | None = None,
+        on_pending: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        self.run_dir, self.repo, self.keep = Path(run_dir), repo, keep
+        self.wait = upload_wait() if wait is None else wait
+        self.on_pending = on_pending
         self._queue: queue.Queue[Path | None] = queue.Queue()
-        self._pending: set[Path] = set()
+        self._lock = threading.Lock()
+        self._queued: set[Path] = set()  # queued or uploading: spared by pruning
+        self._failed: dict[Path, str] = {}  # checkpoint -> why its push failed
         self._thread: threading.Thread | None = None
+        for rel in (pending_uploads(self.run_dir) or {}).get("checkpoints", []):
+            if (self.run_dir / rel / TRAINER_STATE).is_file():
+                log.info("pushing %s again: it was not uploaded before", rel)
+                self.submit(self.run_dir / rel)
 
     def submit(self, checkpoint: Path) -> None:
-        self._pending.add(checkpoint)
+        with self._lock:
+            self._queued.add(checkpoint)
+            self._failed.pop(checkpoint, None)
+            self._save()
         self._queue.put(checkpoint)
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
@@ -185,15 +265,55 @@ class Uploader:
                 log.warning("checkpoint push to %s failed: %s", self.repo, error)
             else:
                 log.info("pushed %s to %s", checkpoint.name, self.repo)
-            self._pending.discard(checkpoint)
+            with self._lock:
+                self._queued.discard(checkpoint)
+                if error:
+                    self._failed[checkpoint] = error
+                self._save()
+                protect = set(self._queued)
             if self.keep:
-                prune(self.run_dir, self.keep, protect=set(self._pending))
+                prune(self.run_dir, self.keep, protect=protect)
 
-    def close(self) -> None:
-        """Wait for every queued push to finish."""
+    def not_uploaded(self) -> list[str]:
+        """Run-relative paths of the checkpoints not on the Hub yet (queued, uploading or failed), oldest first."""
+        with self._lock:
+            paths = [p for p in self._queued | set(self._failed) if (p / TRAINER_STATE).is_file()]
+        return sorted(p.relative_to(self.run_dir).as_posix() for p in paths)
+
+    def _save(self) -> None:  # with self._lock held
+        paths = sorted(p for p in self._queued | set(self._failed) if (p / TRAINER_STATE).is_file())
+        reason = next(reversed(self._failed.values()), "") if self._failed else ""
+        try:
+            _write_pending(self.run_dir, self.repo, [p.relative_to(self.run_dir).as_posix() for p in paths], reason)
+        except OSError as e:  # a full disk must not take training down; the uploads go on regardless
+            log.warning("could not record pending uploads: %s", e)
+
+    def close(self) -> list[str]:
+        """Wait up to `wait` seconds for queued pushes; report and return what is still not uploaded."""
         if self._thread is not None:
-            if self._pending:
-                log.info("waiting for %d checkpoint upload(s) to finish", len(self._pending))
+            with self._lock:
+                busy = len(self._queued)
+            if busy:
+                log.info("waiting up to %g s for %d checkpoint upload(s) to finish", self.wait, busy)
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            self._thread.join(self.wait)
+            if not self._thread.is_alive():
+                self._thread = None
+        left = self.not_uploaded()
+        if left:
+            with self._lock:
+                still_uploading = bool(self._queued)
+                reason = next(reversed(self._failed.values()), "") if self._failed else ""
+            why = f"still uploading after {self.wait:g} s" if still_uploading else f"the push failed: {reason}"
+            message = (
+                f"{len(left)} checkpoint(s) not uploaded to {self.repo} ({', '.join(Path(p).name for p in left)}): "
+                f"{why}. They are kept and recorded in {PENDING_FILE}, and pushed again when this run resumes "
+                "or publishes; nothing local is lost."
+            )
+            log.warning("%s", message)
+            if self.on_pending is not None:
+                try:
+                    self.on_pending({"repo": self.repo, "checkpoints": left, "message": message})
+                except Exception as e:  # noqa: BLE001 - a failing listener never takes training down
+                    log.warning("upload_pending listener failed: %s", e)
+        return left

@@ -16,6 +16,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from .. import config as config_mod
 from ..formats import DIFFUSERS_FILENAME
+from .checkpoints import pending_uploads, retry_pending_uploads
 from .client import (
     HubError,
     PushResult,
@@ -49,7 +50,8 @@ def push_run(
     card (README.md) and the loss curve (loss.png). Creates the repo if needed (`private` only applies
     then). `repo_id` may be a bare name, which goes to the token owner's namespace. Pushing the same
     run again changes nothing. Sample images of an older push that this run does not have are
-    deleted, so the card's gallery matches the files. Nothing in the run folder is written.
+    deleted, so the card's gallery matches the files. Checkpoints the trainer could not push to its
+    checkpoint repo (upload_pending.json) are pushed again afterwards. Nothing else in the run folder is written.
     """
     say = progress or (lambda message: None)
     run_dir = Path(run_dir)
@@ -87,6 +89,10 @@ def push_run(
         info = commit_files(api, repo_id, files, stale, f"Publish {run.name} from LoRA Studio")
     url = f"{api.endpoint}/{repo_id}"
     say(f"published: {url}")
+    if pending_uploads(run_dir):
+        say("pushing the checkpoints that did not upload during training")
+        if left := retry_pending_uploads(run_dir, token=token, endpoint=endpoint):
+            say(f"{len(left)} checkpoint(s) still not uploaded ({', '.join(left)}): they stay recorded for the next try")
     return PushResult(url=url, files=sorted(files), commit_url=getattr(info, "commit_url", None))
 
 
