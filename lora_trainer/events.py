@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "events.jsonl"
-EVENT_TYPES = ("started", "step", "sample", "checkpoint", "stopped", "finished", "failed")
+EVENT_TYPES = (
+    "started", "step", "validation", "sample", "checkpoint", "upload_pending", "evaluation", "stopped", "finished", "failed",
+)
 
 
 def make_event(type: str, /, **fields: Any) -> dict[str, Any]:

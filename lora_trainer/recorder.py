@@ -102,7 +102,10 @@ class Recorder:
         self.stop = StopRequest()
         self.stop.install()
         out = cfg.output
-        self.uploader = Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints) if out.push_checkpoints_to and self.main else None
+        self.uploader = (
+            Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints, on_pending=lambda data: self.emit("upload_pending", **data))
+            if out.push_checkpoints_to and self.main else None
+        )
         self.t: Trainables | None = None
         self.plan: RunPlan | None = None
         self._failed_listeners: set[int] = set()
