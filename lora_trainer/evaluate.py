@@ -37,10 +37,11 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import EvalSection
 from .errors import ConfigError, LoraStudioError
 from .formats import DIFFUSERS_FILENAME, INFO_FILENAME
 from .fsutil import atomic_write_text, replace_dir
@@ -56,37 +57,7 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def _f(default: Any, help: str, **rules: Any) -> Any:
-    meta = {"help": help, **rules}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class EvalSettings:
-    """Evaluation settings (to become config.py's [eval] section); every field has help and rules."""
-
-    clip_model: str = _f("openai/clip-vit-base-patch32", "CLIP model for adherence and style: a Hub id or a local "
-                         "transformers folder; on builtin:toy the toy world's judge CLIP is used instead.", nonempty=True)
-    style_model: str = _f("clip", "Image features for style, leak, diversity and KID: clip, or dinov2.", choices=["clip", "dinov2"])
-    dino_model: str = _f("facebook/dinov2-small", "DINOv2 model (transformers Dinov2Model) when style_model = dinov2.")
-    prompts: list[str] = _f([], "Evaluation prompts without the trigger (not training captions). Empty = built-in ones.")
-    prompt_count: int = _f(4, "How many evaluation prompts when prompts is empty.", min=1, max=64)
-    seeds: int = _f(2, "Images per prompt (seeds seed, seed+1, ...); diversity needs at least 2.", min=1, max=16)
-    seed: int = _f(0, "First seed of the evaluation images and of the validation noise.", min=0, max=2**31 - 1)
-    steps: int = _f(20, "Denoising steps per evaluation image.", min=1, max=200)
-    guidance: float = _f(7.0, "Guidance scale of the evaluation images.", min=0.0, max=50.0)
-    strength: float = _f(1.0, "LoRA strength the checkpoints are evaluated at.", min=0.0, max=2.0)
-    validation_images: int = _f(4, "Training images in the fixed validation-loss set.", min=1, max=64)
-    validation_timesteps: int = _f(4, "Fixed timesteps per validation image.", min=1, max=32)
-    adherence_margin: float = _f(0.1, "A recommended checkpoint keeps its prompt adherence within this fraction of "
-                                 "the base model's (0.1 = at most 10% lower).", min=0.0, max=1.0)
-    leak_ratio: float = _f(0.5, "A recommended checkpoint's style without the trigger may rise by at most this "
-                           "fraction of its style gain with the trigger.", min=0.0, max=10.0)
-    kid_min_images: int = _f(50, "KID is computed only with at least this many training images.", min=2, max=100000)
-    after_training: str = _f("auto", "Evaluate every checkpoint when training ends: auto (on for builtin:toy and on a "
-                             "GPU), on, off.", choices=["auto", "on", "off"])
+EvalSettings = EvalSection  # the [eval] section of config.toml
 
 
 def settings_from(values: dict[str, Any] | None = None) -> EvalSettings:
@@ -335,5 +306,4 @@ def evaluate(
     return save_evaluation(run_dir, rows, recommendation, settings, notes, time.perf_counter() - started)
 
 
-# -- command line ---------------------------------------------------------------------------------------------
 __all__ = ["EvalSettings", "Recommendation", "Row", "evaluate", "evaluate_run", "recommend"]

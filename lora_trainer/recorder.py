@@ -134,6 +134,16 @@ class Recorder:
             "prediction_type": t.noise_scheduler.config.prediction_type,
         }
         self.adapter_configs = {name: _adapter_config(self._unwrap(m)) for name, m in t.trained.items()}
+        self.validation = None
+        if self.main and cfg.sampling.every:  # a fixed set, so its loss is comparable across steps
+            from .validation import validation_set
+
+            t.frozen_to_device()
+            self.validation = validation_set(
+                plan.items, t.vae, t.kind, t.noise_scheduler.config.num_train_timesteps, images=cfg.eval.validation_images,
+                timesteps=cfg.eval.validation_timesteps, seed=cfg.eval.seed, device=t.device,
+            )
+            t.frozen_off_device()
 
     def started(self, step: int, resumed_from: str | None) -> None:
         t, plan, opt = self.t, self.plan, self.cfg.optim
@@ -177,6 +187,7 @@ class Recorder:
     def after_step(self, done: int) -> None:
         every, save_every = self.cfg.sampling.every, self.cfg.output.save_every
         if every and done % every == 0 and done < self.plan.total_steps:
+            self.validate(done)
             self.render_samples(done)
         if save_every and done % save_every == 0 and done < self.plan.total_steps:
             self.save_checkpoint(done)
@@ -192,7 +203,9 @@ class Recorder:
             replace_dir(tmp, final)
         if start_step < total:  # else this is a finished run started again: its checkpoint and samples exist
             self.save_checkpoint(total)
+            self.validate(total)
             self.render_samples(total)
+            self.evaluate_checkpoints()
         files = []
         if self.main:
             ckpts.write_model_card(self.run_dir, self.cfg.output.name)  # after the last samples: the card shows them

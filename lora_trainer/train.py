@@ -96,6 +96,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         recorder.attach(t, plan)
         recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None)
         if start_step == 0:
+            recorder.validate(0)
             recorder.render_samples(0)  # the base model's images, to compare progress against
 
         batches = ds.batch_source(

@@ -201,7 +201,8 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         base_text = f"[{hub_base}](https://huggingface.co/{hub_base})"
         pipe_base = hub_base
     elif run.base.startswith("builtin:"):
-        base_text = f"`{run.base}`, LoRA Studio's tiny built-in test model (it only loads into that model)"
+        what = "toy-world model (32 px drawn scenes)" if run.base == "builtin:toy" else "tiny test model"
+        base_text = f"`{run.base}`, LoRA Studio's built-in {what} (it only loads into that model)"
         pipe_base = "<the base model this LoRA was trained on>"
     else:
         # A local folder or file: name it, but do not publish the full local path.
@@ -259,6 +260,11 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
     lines += ["", "The complete configuration is in [`config.toml`](./config.toml).", ""]
     if has_loss:
         lines += ["## Training loss", "", f"![Training loss]({LOSS_CURVE})", ""]
+    from ..eval_report import evaluation_markdown
+
+    evaluation = evaluation_markdown(run.run_dir, published="final")
+    if evaluation:
+        lines += [evaluation, ""]
     return lines
 
 

@@ -25,7 +25,7 @@ TRIGGER = "ohwx"
 
 __all__ = [
     "BASE_DIR", "BASE_SPEC", "JUDGE_DIR", "SCENES", "SIZE", "STYLES", "TRIGGER", "Scene", "Verdict",
-    "base_path", "eval_prompts", "judge", "judge_path", "make_style_dataset", "render", "train_scenes",
+    "base_path", "eval_prompts", "sample_prompts", "with_trigger", "judge", "judge_path", "make_style_dataset", "render", "train_scenes",
 ]
 
 
@@ -46,6 +46,13 @@ def eval_prompts(n: int | None = None, seed: int = 0) -> list[str]:
     scenes = [s for s in SCENES if split(s) == "eval"]
     random.Random(seed).shuffle(scenes)
     return [s.caption for s in scenes[: n or len(scenes)]]
+
+
+def sample_prompts() -> list[str]:
+    """The toy base's default sample prompts ({trigger} stands for the trigger word): three scenes no
+    style dataset shows, with the trigger, and one without it (where the style should not appear)."""
+    prompts = eval_prompts(4)
+    return [with_trigger(p, "{trigger}") for p in prompts[:3]] + [prompts[3]]
 
 
 def with_trigger(prompt: str, trigger: str = TRIGGER, position: str = "first") -> str:
