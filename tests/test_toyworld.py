@@ -64,3 +64,69 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
     inputs = processor(text=[scene.caption, world.SCENES[30].caption], images=[world.render(scene, None, 2)], return_tensors="pt", padding=True)
     logits = model(**inputs).logits_per_image[0]
     assert logits[0] > logits[1]  # the right caption scores higher
+
+
+# -- LoRAs judged in the world ----------------------------------------------------------------------
+STYLE = "stripes"
+
+
+@pytest.fixture(scope="module")
+def style_run(tmp_path_factory):
+    """A LoRA trained with the Style preset on 16 pictures of a style, as a user would."""
+    from lora_trainer import config as config_mod
+    from lora_trainer.presets import preset_settings
+    from lora_trainer.train import train
+
+    run = tmp_path_factory.mktemp("toy") / "style"
+    toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
+    cfg = config_mod.TrainConfig()
+    for key, value in {**preset_settings("Style", toyworld.BASE_SPEC), "model.base": toyworld.BASE_SPEC,
+                       "sampling.every": 0, "eval.after_training": "off"}.items():
+        cfg.set(key, value)
+    config_mod.save(config_mod.validate(cfg), run)
+    train(run)
+    yield run
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def scores(style_run):
+    """Judged style, adherence and leak of the base and of the LoRA at strengths 0.5 and 1."""
+    from lora_trainer.toyworld.scoring import lora_quality
+
+    base = lora_quality(None, STYLE, strengths=(0.0,))[0]
+    lora = {s.strength: s for s in lora_quality(style_run / "final" / "pytorch_lora_weights.safetensors", STYLE)}
+    return base, lora
+
+
+def test_the_style_lora_shows_the_style_with_its_trigger_far_more_often_than_the_base(scores):
+    base, lora = scores
+    assert base.style <= 0.05
+    assert lora[1.0].style >= base.style + 0.6
+    assert lora[1.0].style > lora[0.5].style  # strength means something
+
+
+def test_without_the_trigger_the_style_stays_rare(scores):
+    _, lora = scores
+    assert lora[1.0].leak <= 0.3
+    assert lora[1.0].leak < lora[1.0].style - 0.4
+
+
+def test_the_lora_still_draws_what_the_prompt_asks(scores):
+    base, lora = scores
+    assert base.adherence >= 0.85
+    assert lora[1.0].adherence_untriggered >= 0.7 * base.adherence
+
+
+def test_strength_zero_gives_the_base_models_picture(style_run):
+    from lora_trainer.inference import Generator, LoraSpec
+
+    gen = Generator(toyworld.BASE_SPEC)
+    prompt = toyworld.with_trigger(toyworld.eval_prompts(1)[0])
+    lora = LoraSpec(str(style_run / "final" / "pytorch_lora_weights.safetensors"), 0.0)
+    base, off, on = (np.asarray(gen.generate(prompt, loras, seed=3, steps=10), int)
+                     for loras in ([], [lora], [LoraSpec(lora.path, 1.0)]))
+    assert np.abs(base - off).max() <= 1
+    assert np.abs(base - on).mean() > 5
