@@ -71,7 +71,8 @@ _DETERMINERS = {"a", "an", "the", "of", "his", "her", "their", "my", "your", "it
 
 def clean_generated(text: str) -> str:
     """A model's raw caption, tidied: BLIP's artefacts and the models' "the image shows" removed, one line."""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)  # no control characters in a caption file
+    # no control characters in a caption file, nor the replacement marks of a token cut mid-character
+    text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
     text = _BLIP_ARTEFACT.sub("a", text)
     text = _OPENERS.sub("", " ".join(text.split()))
     text = _LEADING_ARTICLE.sub(lambda m: m[1].lower(), text)

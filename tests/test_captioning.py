@@ -390,7 +390,7 @@ def test_sparse_strips_style_and_medium_words(caption, sparse):
     ("A woman reading a book in a park.", "a woman reading a book in a park"),  # Qwen's sentence
     ("In this image, a dog runs on the beach.", "a dog runs on the beach"),
     ("This painting shows a fox", "This painting shows a fox"),  # the medium is a style word: sparse decides
-    ("a cat\n\x07on a\ttable", "a cat on a table"),  # one line, no control characters
+    ("a cat\n\x07on a\ttable\ufffd", "a cat on a table"),  # one line, no control characters or broken bytes
 ])
 def test_full_keeps_style_words_but_drops_the_models_fillers(raw, cleaned):
     assert clean_generated(raw) == cleaned
