@@ -217,7 +217,7 @@ def _add_optional_commands(sub) -> None:
     """caption and push live with their modules."""
     from . import captioning, hub
 
-    p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
+    p = sub.add_parser("caption", help="caption a folder of images (BLIP, Florence-2 or Qwen-VL) around a trigger word")
     captioning.add_caption_arguments(p)
     p.set_defaults(func=captioning.caption_command)
     p = sub.add_parser("push", help="publish a run to the Hugging Face Hub")

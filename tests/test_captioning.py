@@ -8,6 +8,7 @@ the CLIP tokenizer is the built-in tiny one, and the Hub is switched to offline 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -198,6 +199,22 @@ def test_each_captioner_writes_a_folder_in_every_style(tiny_captioner, dataset):
     assert type(captioner.model).__name__ == model_class
 
 
+@pytest.mark.parametrize("kind, device, bf16, dtype", [
+    ("blip", "cpu", True, "float32"),
+    ("blip", "cuda", True, "float16"),
+    ("florence2", "cuda:1", True, "float16"),
+    ("qwen-vl", "cpu", True, "float32"),
+    ("qwen-vl", "cuda", True, "bfloat16"),
+    ("qwen-vl", "cuda", False, "float16"),  # a GPU without bf16
+])
+def test_half_precision_on_a_gpu_full_precision_on_a_cpu(kind, device, bf16, dtype, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    captioner = captioners.make_captioner(kind, "x/y", device=device)
+    assert captioner._dtype(torch) == getattr(torch, dtype)
+
+
 # -- loading without weights ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind, light", [
     ("blip", "blip-image-captioning-base"), ("florence2", "Florence-2-base"), ("qwen-vl", "Qwen3-VL-2B-Instruct")])
@@ -245,6 +262,28 @@ def test_shared_captioners_load_once_and_unload_all_frees_them(tiny_florence2):
     assert not captioners.is_loaded("florence2", str(tiny_florence2))
     assert shared_captioner("florence2", str(tiny_florence2)).model is not first.model  # loads again when asked
     unload_all()
+
+
+def test_unload_all_lets_the_model_be_freed(tiny_florence2):
+    import gc
+    import weakref
+
+    unload_all()
+    model = weakref.ref(shared_captioner("florence2", str(tiny_florence2)).model)
+    gc.collect()
+    assert model() is not None  # kept for the next request ...
+    unload_all()
+    assert model() is None  # ... and gone after unload_all (its memory with it)
+
+
+def test_unload_all_with_nothing_loaded_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lora_trainer.captioning as c; c.unload_all(); print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert done.stdout.strip() == "False"
 
 
 def test_a_failed_load_is_not_kept():
