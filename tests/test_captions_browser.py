@@ -1,4 +1,5 @@
-"""The Captions tab in headless Chromium: the captioners on offer, their settings, a caption run on a tiny Florence-2.
+"""The Captions tab in headless Chromium: the captioners on offer, their settings, a caption run on a tiny Florence-2,
+a model without weights, and a caption too long for CLIP.
 
 Reuses test_browser's browser and app fixtures (a fresh app and browser for this module).
 """
@@ -26,6 +27,20 @@ def test_the_captions_tab_offers_each_captioner_and_captions_with_florence2(brow
     open_tab(page, "2 · Captions")
     page.locator("#cfg-data-trigger input, #cfg-data-trigger textarea").first.fill("ohwx")
     page.get_by_text("Caption options").click()
+    # a BLIP model that is not there: one whole, clear message, and no caption written
+    model = page.locator("#caption-model input, #caption-model textarea").first
+    model.fill("/no/such/blip-folder")
+    page.locator("#write-captions").click()
+    failure = page.get_by_text("Could not load the captioning model", exact=False).first
+    failure.wait_for()
+    message = failure.inner_text()
+    assert "'/no/such/blip-folder' (BLIP): there is no such folder" in message
+    assert "or choose another captioner" in message  # not cut mid-word
+    assert "Error" not in message and "Traceback" not in message  # no raw exception text
+    assert not list(workspace.rglob("dataset/*.txt"))
+    shot(page, "2-captions-no-weights")
+    page.locator(".toast-close").first.click()
+
     page.locator("#captioner input").click()
     offered = [o.inner_text().split("\n")[-1].strip() for o in page.get_by_role("option").all()]  # after the ✓ mark
     assert offered == ["BLIP", "Florence-2", "Qwen-VL"]
@@ -36,7 +51,6 @@ def test_the_captions_tab_offers_each_captioner_and_captions_with_florence2(brow
     instruction.wait_for()
     assert "style" in instruction.input_value() and "one sentence" in instruction.input_value()
     assert not page.locator("#caption-detail").is_visible()
-    model = page.locator("#caption-model input, #caption-model textarea").first
     page.wait_for_function("() => document.querySelector('#caption-model input, #caption-model textarea')"
                            "?.value.startsWith('Qwen/')")
 
@@ -58,3 +72,12 @@ def test_the_captions_tab_offers_each_captioner_and_captions_with_florence2(brow
     page.wait_for_function("() => [...document.querySelectorAll('.caption-text textarea')]"
                            ".filter(t => t.value.startsWith('ohwx, ')).length === 3")
     shot(page, "2-captions-florence2")
+
+    # a caption past CLIP's 75 tokens: the note names the words that are cut, as typed
+    long_caption = ", ".join(["ohwx, a red cat sitting on a table"] * 10) + ", under a bright moon"
+    card = page.locator(".caption-text textarea").first
+    card.fill(long_caption)
+    card.press("Tab")
+    note = page.locator(".caption-card .caption-note").filter(has_text="under a bright moon").first
+    note.wait_for()
+    assert "is cut off" in note.inner_text() and "</w>" not in note.inner_text()

@@ -78,6 +78,6 @@ def test_a_captioner_without_weights_says_which_and_what_to_do_and_changes_nothi
     first_line, *rest = error.value.message.split("\n")
     info = captioners.CAPTIONERS[kind]
     assert first_line.startswith(f"Could not load the captioning model '{info.model}' ({info.label}): it is not in")
-    assert first_line.endswith("or choose another captioner")  # whole, not cut mid-word
+    assert first_line.endswith("or choose another captioner.")  # whole, not cut mid-word
     assert "Nothing was changed" in rest[-1] and "Trigger only" in rest[-1]
     assert {p: p.read_bytes() for p in session.dataset_dir().iterdir()} == before

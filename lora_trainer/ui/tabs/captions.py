@@ -239,7 +239,7 @@ def check_trigger(trigger_word: str, base: str) -> str:
 
 def captioner_info(kind: str) -> str:
     info = captioners.CAPTIONERS[kind]
-    return f"{info.choose.capitalize()} ({info.size})."
+    return f"{info.choose[0].upper()}{info.choose[1:]} ({info.size})."
 
 
 def model_info(kind: str) -> str:
@@ -301,7 +301,7 @@ def _load(kind: str, model: str, options: dict, progress) -> captioners.ModelCap
         return captioning.shared_captioner(kind, model, **options)
     except LoraStudioError as e:
         raise gr.Error(
-            f"{e}\n\nAuto-captioning needs the {info.label} model's weights. Without them, choose another captioner, "
+            f"{str(e).rstrip('.')}.\n\nAuto-captioning needs the {info.label} model's weights. Without them, choose another captioner, "
             "the caption style 'Trigger only', or type captions below. Nothing was changed.",
             duration=None, print_exception=False,
         ) from None
