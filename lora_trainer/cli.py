@@ -217,9 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption a folder; LoraStudioError propagates for main() to print as one line."""
-    from .captioning import BlipCaptioner, caption_folder
+    from .captioning import caption_folder, captioner_options, make_captioner
 
-    captioner = None if args.style == "trigger" else BlipCaptioner(args.model, batch_size=args.batch_size)
+    if args.detail is not None and args.model != "florence2":
+        raise LoraStudioError("--detail is Florence-2's caption task; use it with --model florence2")
+    if args.instruction is not None and args.model != "qwen-vl":
+        raise LoraStudioError("--instruction is what Qwen-VL is asked; use it with --model qwen-vl")
+    captioner = None
+    if args.style != "trigger":
+        options = captioner_options(args.model, detail=args.detail, instruction=args.instruction,
+                                    batch_size=args.batch_size)
+        captioner = make_captioner(args.model, args.weights, **options).load()  # fails before any file is written
 
     def report_progress(done: int, total: int) -> None:
         print(f"\rcaptioned {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
@@ -263,19 +271,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_caption_and_push(sub) -> None:
-    from .captioning import DEFAULT_CAPTION_MODEL, DEFAULT_TEMPLATE, LIGHT_CAPTION_MODEL, STYLES
+    from .captioning import CAPTIONERS, DEFAULT_TEMPLATE, DETAILS, KINDS, STYLES
 
-    p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
+    p = sub.add_parser("caption", help="caption a folder of images (BLIP, Florence-2 or Qwen-VL) around a trigger word")
     p.add_argument("folder", metavar="DIR", help="Dataset folder: images (recursively) get a same-named .txt caption.")
     p.add_argument("--trigger", default="", help="Trigger word placed by --template (e.g. ohwx).")
     p.add_argument("--style", choices=STYLES, default="sparse",
-                   help="sparse: subject only, style words stripped (style LoRAs); full: all BLIP says; "
+                   help="sparse: subject only, style words stripped (style LoRAs); full: all the captioner says; "
                         "trigger: the trigger word alone (no model).")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Where the trigger goes: {trigger} and {caption}.")
     p.add_argument("--suffix", default="", help="Appended to every caption, e.g. 'in the style of {trigger}'.")
     p.add_argument("--overwrite", action="store_true", help="Replace existing captions (kept by default).")
-    p.add_argument("--model", default=DEFAULT_CAPTION_MODEL,
-                   help=f"BLIP captioning model: Hub id or local folder ({LIGHT_CAPTION_MODEL} is lighter).")
+    p.add_argument("--model", choices=KINDS, default="blip",
+                   help="The captioner: " + "; ".join(f"{k}: {i.choose}" for k, i in CAPTIONERS.items()) + ".")
+    p.add_argument("--weights", default="", metavar="ID_OR_FOLDER",
+                   help="The captioner's Hub id or local folder; default: " +
+                        ", ".join(f"{i.model} ({k})" for k, i in CAPTIONERS.items()) + ".")
+    p.add_argument("--detail", choices=DETAILS, default=None,
+                   help="Florence-2's caption task: short (default), detailed or paragraph.")
+    p.add_argument("--instruction", default=None,
+                   help="Qwen-VL's instruction (default: the subject and content in one sentence, not the style).")
     p.add_argument("--batch-size", type=int, default=8, help="Images captioned at once (lower it if memory runs out).")
     p.set_defaults(func=cmd_caption)
 
