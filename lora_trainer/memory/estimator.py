@@ -8,8 +8,9 @@ Terms and where they come from:
   (bitsandbytes' block-wise 8-bit moments, one fp32 scale per 256 values; tensors under 4096 values
   keep 32-bit state), Prodigy 16 B/param (prodigyopt 1.1: exp_avg, exp_avg_sq, s and p0; p0 is a
   scalar for a zero-initialised LoRA B, so 12 B there);
-- activations: one training step simulated on the meta device (simulate.py) at batch 1 and the
-  training resolution, scaled by the batch (activations grow linearly with it);
+- activations: one training step simulated on the meta device (simulate.py) at batch 1 and 512 px,
+  scaled by the batch and the image area (every feature map, hence every saved tensor, grows linearly
+  with both; fused attention keeps attention linear too);
 - the CUDA context (kernels, cuBLAS workspace: 0.3-0.6 GB with CUDA's lazy loading, which
   max_memory_allocated never shows) and the caching allocator's slack over what is allocated.
 Phases: caching latents (VAE encode with everything loaded), training steps, sample renders
@@ -30,6 +31,11 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 ALLOCATOR_SLACK = 0.10  # of the activation peak; reserved over allocated, to be re-measured by bench/gpu.py
 PROCESS_RAM = {"cpu": int(0.45 * GiB), "cuda": int(2.0 * GiB)}  # python + torch + diffusers; CUDA adds its libraries
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
+SIMULATED_SIZE = 512  # px; other sizes scale by area, so a plan's alternatives need no new simulation
+
+
+def _area(resolution: int) -> float:
+    return (resolution / SIMULATED_SIZE) ** 2
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     flat = [t for ts in tensors.values() for t in ts]
     n_lora = sum(n for _, n in flat)
     lora_spec = {"rank": lora.rank, "targets": cfg.unet_targets(), "dora": lora.use_dora}
-    acts = batch * unet_training_peak(unet.config, lora_spec, 1, res, res, sim_dtype, opt.gradient_checkpointing)
+    size, area = SIMULATED_SIZE, _area(res)
+    acts = int(batch * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
     if lora.train_text_encoder:
         te_spec = {"rank": lora.rank, "targets": TEXT_ENCODER_TARGETS, "dora": lora.use_dora}
         acts += batch * sum(text_encoder_training_bytes(t.name, t.config, {**te_spec, "layers": _te_layers(arch, t.name)},
@@ -168,12 +175,12 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     phases = {"training": training}
     all_w = [unet_w, Term("text encoder weights", te_params * wbytes), Term("VAE weights", vae.params * 4)]
     if cache_latents:
-        encode = inference_peak("vae", vae.config, 1, res, res, "fp32", "encode")
+        encode = int(area * inference_peak("vae", vae.config, 1, size, size, "fp32", "encode"))
         phases["caching latents"] = [*context, *all_w, lora_w, Term("VAE encode", encode)]
     if cfg.sampling.every:
         cfg_batch = 2 if cfg.sampling.guidance > 1 else 1
-        render = max(inference_peak("unet", unet.config, cfg_batch, res, res, sim_dtype, "denoise"),
-                     inference_peak("vae", vae.config, 1, res, res, sim_dtype, "decode"))
+        render = int(area * max(inference_peak("unet", unet.config, cfg_batch, size, size, sim_dtype, "denoise"),
+                                inference_peak("vae", vae.config, 1, size, size, sim_dtype, "decode")))
         phases["sample renders"] = [*context, *all_w, lora_w, state, Term("render (UNet or VAE decode)", render), *slack(render)]
     return Estimate(device, phases, ram_at_load(cfg, arch, device), arch.source)
 

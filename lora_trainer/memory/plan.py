@@ -142,30 +142,40 @@ def _explain(old: TrainConfig, new: TrainConfig, est: Estimate, rejected: list) 
 
 
 def _refusal(cfg: TrainConfig, arch: Architecture, budget: int, smallest: Estimate, processes: int) -> str:
-    """The message of a plan that cannot fit: the smallest settings' need and the first change that fits."""
+    """The message of a plan that cannot fit: what the smallest settings need, and the first change
+    (or a change with sample renders off) that fits."""
     least = _with(cfg, optim__batch_size=1, optim__gradient_accumulation=cfg.optim.batch_size * cfg.optim.gradient_accumulation,
                   optim__optimizer="adamw8bit" if cfg.optim.optimizer == "adamw" else cfg.optim.optimizer,
                   optim__gradient_checkpointing=True)
-    changes: list[tuple[str, TrainConfig]] = []
+    changes: list[tuple[str, dict]] = []
     if cfg.lora.train_text_encoder:
-        changes.append(("set lora.train_text_encoder = false", _with(least, lora__train_text_encoder=False)))
-    if cfg.sampling.every:
-        changes.append(("set sampling.every = 0 (no sample renders during training)", _with(least, sampling__every=0)))
-    for res in (1024, 768, 640, 512, 384, 256):
-        if res < cfg.data.resolution:
-            changes.append((f"lower data.resolution to {res}", _with(least, data__resolution=res)))
+        changes.append(("set lora.train_text_encoder = false", {"lora__train_text_encoder": False}))
+    changes += [(f"lower data.resolution to {r}", {"data__resolution": r}) for r in (1024, 768, 640, 512, 384, 256)
+                if r < cfg.data.resolution]
     rank = cfg.lora.rank
     while rank > 4:
         rank //= 2
-        changes.append((f"lower lora.rank to {rank}", _with(least, lora__rank=rank)))
+        changes.append((f"lower lora.rank to {rank}", {"lora__rank": rank}))
+    no_renders = ("set sampling.every = 0 (no sample images during training)", {"sampling__every": 0})
+    tries = [no_renders, *changes] if cfg.sampling.every else changes
+    if cfg.sampling.every:
+        tries += [(f"{no_renders[0]} and {what}", {**no_renders[1], **change}) for what, change in changes]
+
+    def need(changed: dict) -> int:
+        return estimate(_with(least, **changed), arch, device="cuda", processes=processes).total
+
     head = (f"this run needs at least {gb(smallest.total)} of GPU memory ({smallest.peak_phase}, even at batch 1 with "
             f"8-bit AdamW and gradient checkpointing); the GPU allows {gb(budget)}")
-    for what, candidate in changes:
-        est = estimate(candidate, arch, device="cuda", processes=processes)
-        if est.total <= budget:
-            return f"{head}. To fit: {what} (then about {gb(est.total)})"
-    return f"{head}. Use a GPU with at least {math_ceil_gib(smallest.total / 0.95)} GB"
+    for what, changed in tries:
+        total = need(changed)
+        if total <= budget:
+            return f"{head}. To fit: {what} (then about {gb(total)})"
+    advice = f"{head}. Use a GPU with at least {_card_gib(smallest.total)} GB"
+    if cfg.sampling.every:
+        advice += f" ({_card_gib(need(no_renders[1]))} GB with sampling.every = 0)"
+    return advice
 
 
-def math_ceil_gib(n: float) -> int:
-    return -(-int(n) // GiB)
+def _card_gib(total: int) -> int:
+    """The smallest whole number of GiB whose planning budget holds `total`."""
+    return -(-int(total / HEADROOM) // GiB)
