@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import BASE_SPEC, SCENES, TRIGGER, eval_prompts, judge, with_trigger
+from . import BASE_SPEC, SCENES, SIZE, TRIGGER, eval_prompts, judge, with_trigger
 
 SAMPLE_STEPS = 20
-GUIDANCE = 5.0
+GUIDANCE = 7.0
 
 
 def _generator(base: str):
@@ -25,7 +25,7 @@ def _generator(base: str):
 
 
 def _pictures(gen, prompts: list[str], seeds: list[int], loras=None, *, steps: int, guidance: float):
-    return [gen.generate(p, loras or [], seed=s, steps=steps, guidance=guidance) for p in prompts for s in seeds]
+    return [gen.generate(p, loras or [], seed=s, steps=steps, guidance=guidance, size=SIZE) for p in prompts for s in seeds]
 
 
 def base_quality(base: str = BASE_SPEC, per_scene: int = 2, *, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE) -> dict:
