@@ -251,6 +251,42 @@ class Recorder:
         self.accelerator.wait_for_everyone()
         return final
 
+    # -- measurements --------------------------------------------------------------------------------
+    def validate(self, step: int) -> None:
+        """The denoising loss on the fixed validation set (same images, noise and timesteps every time)."""
+        from .validation import validation_loss
+
+        if self.validation is None:
+            return
+        t = self.t
+        t.frozen_to_device()
+        unet = self._unwrap(t.trained["unet"])
+        names = ("text_encoder", "text_encoder_2")
+        encoders = [self._unwrap(t.trained.get(n, te)) for n, te in zip(names, t.text_encoders, strict=False)]
+        value = validation_loss(unet, encoders, t.tokenizers, self.validation, t.noise_scheduler, t.kind)
+        t.frozen_off_device()
+        self.emit("validation", step=step, val_loss=round(value, 6), images=len(self.validation.cases))
+
+    def evaluate_checkpoints(self) -> None:
+        """Score every checkpoint and pick one (best/) when eval.after_training says so; a finished LoRA is
+        never lost to an evaluation that fails."""
+        import torch
+
+        from .evaluate import evaluate, runs_after_training
+
+        if not self.main or not runs_after_training(self.cfg.eval, self.cfg.model.base, torch.cuda.is_available()):
+            return
+        try:
+            data = evaluate(self.run_dir, self.cfg.eval, "all", device=str(self.t.device))
+        except Exception as e:  # noqa: BLE001 - the LoRA is saved; `evaluate` can be run again later
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            log.warning("evaluation after training failed (%s: %s); run `python -m lora_trainer evaluate %s`",
+                        type(e).__name__, first, self.run_dir)
+            return
+        pick = data.get("recommendation") or {}
+        self.emit("evaluation", file="evaluation.json", best=pick.get("name"), reason=pick.get("reason"),
+                  seconds=data.get("seconds"), notes=data.get("notes", []))
+
     def render_samples(self, step: int) -> None:
         """The sample prompts at fixed seeds, LoRA on, into samples/step-N/."""
         import torch
