@@ -114,6 +114,12 @@ class OptimSection:
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=100.0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
     seed: int = _f(42, "Random seed: same seed, same data and settings give the same LoRA on CPU.", min=0, max=2**31 - 1)
+    preservation_weight: float = _f(
+        0.0, "Output preservation: pull the LoRA's prediction for each caption without the trigger towards the base "
+        "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step).",
+        min=0.0, max=100.0,
+    )
+    preservation_class: str = _f("", "Word that replaces the trigger in the preservation captions (e.g. 'painting'); empty removes it.")
 
 
 @dataclass
