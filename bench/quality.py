@@ -31,11 +31,13 @@ QUICK = {  # a short run that still learns a style: the bench's default, overrid
 }
 
 
-def train_variant(root: Path, name: str, style: str, images: int, settings: dict[str, str], seed: int) -> tuple[Path, float]:
+def train_variant(
+    root: Path, name: str, style: str, images: int, settings: dict[str, str], seed: int, position: str
+) -> tuple[Path, float]:
     from lora_trainer.train import train
 
     run = root / name
-    toyworld.make_style_dataset(run / "dataset", style, n=images, seed=seed)
+    toyworld.make_style_dataset(run / "dataset", style, n=images, seed=seed, position=position)
     cfg = config_mod.TrainConfig()
     cfg.set("model.base", toyworld.BASE_SPEC)
     cfg.set("data.trigger", toyworld.TRIGGER)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strengths", default="0.5,1.0")
     p.add_argument("--seeds", type=int, default=2, help="pictures per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of training")
+    p.add_argument("--position", default="first", choices=["first", "last"], help="where the trigger goes in captions and prompts")
     p.add_argument("--checkpoints", action="store_true", help="score every saved checkpoint as well as final/")
     p.add_argument("--keep", type=Path, help="keep the runs in this folder")
     args = p.parse_args(argv)
@@ -79,18 +82,21 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"style {args.style}, {args.images} images, settings {common}")
     print(f"{'variant':<28} {'strength':>8} {'style':>6} {'adherence':>9} {'leak':>5} {'adh. no trig':>12} {'train s':>7}")
-    for s in lora_quality(None, args.style, strengths=(0.0,), seeds=seeds):
+    print(f"trigger {args.position}")
+    for s in lora_quality(None, args.style, strengths=(0.0,), seeds=seeds, position=args.position):
         print(_row("base model", s, None))
     with tempfile.TemporaryDirectory(prefix="lora-quality-") as scratch:
         root = args.keep or Path(scratch)
         for name, settings in variants:
-            run, seconds = train_variant(root, name.replace("=", "-").replace(".", "_"), args.style, args.images, settings, args.seed)
+            folder_name = name.replace("=", "-").replace(".", "_")
+            run, seconds = train_variant(root, folder_name, args.style, args.images, settings, args.seed, args.position)
             files = [run / "final"]
             if args.checkpoints:
                 files = sorted((run / "checkpoints").glob("step-*")) + files
             for folder in files:
                 label = name if folder.name == "final" else f"{name} @{folder.name}"
-                for s in lora_quality(folder / "pytorch_lora_weights.safetensors", args.style, strengths=strengths, seeds=seeds):
+                lora = folder / "pytorch_lora_weights.safetensors"
+                for s in lora_quality(lora, args.style, strengths=strengths, seeds=seeds, position=args.position):
                     print(_row(label, s, seconds if folder.name == "final" else None), flush=True)
     return 0
 
