@@ -16,10 +16,13 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import LoraStudioError
+from .presets import PRESETS, preset_settings
 
 log = logging.getLogger("lora_trainer")
 
 # CLI flag -> config field, for the fields people change most.
+
+
 COMMON_FLAGS = {
     "base": ("model.base", str),
     "trigger": ("data.trigger", str),
@@ -38,6 +41,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder to write to (default: the folder of --config, or RUN)")
     for flag, (dotted, kind) in COMMON_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"sets {dotted}: {config_mod.field_info(dotted)['help']}")
+    p.add_argument("--preset", help="start from a preset's settings for the base: " + ", ".join(PRESETS) + " (flags and --set override it)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="set any config field, e.g. --set optim.lr_scheduler=cosine")
 
 
@@ -77,6 +81,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
         for dotted, value in report.config_overrides.items():
             cfg.set(dotted, value)
         cfg.set("data.images", "dataset")
+    if args.preset:  # exactly what the app's preset sets, for the base the flags name
+        for dotted, value in preset_settings(args.preset, args.base or cfg.model.base).items():
+            cfg.set(dotted, value)
     for flag, (dotted, _) in COMMON_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
