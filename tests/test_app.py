@@ -515,3 +515,94 @@ def test_a_run_continues_from_checkpoints_pushed_to_the_hub_in_a_fresh_session(t
     with pytest.raises(AppError, match="holds no checkpoint|was not found"):
         client.predict("alice/stripes-lora-nothing-here", api_name="/continue_from_hub")
     assert current_run(client) == fresh.name  # a failed fetch leaves the session where it was
+
+
+# -- sign-in on a Space ------------------------------------------------------------------------------------
+class _HubSignIn:
+    """huggingface.co's sign-in side, just enough for gradio: the OpenID discovery document (a Space's real
+    OAuth) and whoami (gradio's mock OAuth off a Space asks whoami for the signed-in developer)."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                answers = {
+                    "/.well-known/openid-configuration": {
+                        "issuer": site.url, "authorization_endpoint": f"{site.url}/oauth/authorize",
+                        "token_endpoint": f"{site.url}/oauth/token"},
+                    "/api/whoami-v2": {"type": "user", "name": "alice", "fullname": "Alice", "avatarUrl": "",
+                                       "orgs": [], "auth": {"type": "access_token", "accessToken": {"role": "write"}}},
+                }
+                body = json.dumps(answers.get(self.path, {})).encode()
+                self.send_response(200 if self.path in answers else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def _readme_scopes() -> str:
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return " ".join(["openid", "profile", *yaml.safe_load(readme.split("---")[1])["hf_oauth_scopes"]])
+
+
+@pytest.mark.parametrize("where", ["space", "local"])
+def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(where, tmp_path):
+    """What a Space sets when the README enables hf_oauth. On a Space (SYSTEM=spaces) gradio signs in through
+    huggingface.co with the README's scopes; elsewhere it mocks sign-in with the developer's own login."""
+    scopes, port = _readme_scopes(), _free_port()
+    with _HubSignIn() as hf:
+        env = {**os.environ, "SPACE_ID": "someone/lora-studio", "OAUTH_CLIENT_ID": "client-id",
+               "OAUTH_CLIENT_SECRET": "client-secret", "OAUTH_SCOPES": scopes, "OPENID_PROVIDER_URL": hf.url,
+               "GRADIO_SERVER_PORT": str(port), "LORA_STUDIO_WORKSPACE": str(tmp_path / "ws"), "LORA_STUDIO_GPU": "0",
+               "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0"}
+        if where == "space":
+            env["SYSTEM"] = "spaces"
+        else:
+            env.pop("SYSTEM", None)
+        app_py = Path(__file__).resolve().parent.parent / "app.py"
+        proc = subprocess.Popen([sys.executable, str(app_py)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            while True:  # until it answers, or exits (the failure this test is about)
+                if proc.poll() is not None:
+                    raise AssertionError(f"app.py exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+                try:
+                    config = httpx.get(f"{url}/config", timeout=5).json()
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            buttons = [c["props"] for c in config["components"] if c["props"].get("variant") == "huggingface"]
+            assert "Sign in with Hugging Face" in [b["value"] for b in buttons]  # gr.LoginButton (and DuplicateButton)
+            login = httpx.get(f"{url}/login/huggingface", follow_redirects=False, timeout=30)
+            assert login.status_code in (302, 307), login.text[:500]
+            target = httpx.URL(login.headers["location"])
+            if where == "space":
+                assert str(target).startswith(f"{hf.url}/oauth/authorize")
+                assert target.params["scope"] == scopes
+            else:
+                assert target.path == "/login/callback"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_sign_in_asks_for_no_more_than_creating_and_writing_your_own_repos():
+    assert _readme_scopes().split() == ["openid", "profile", "write-repos", "contribute-repos"]
