@@ -101,7 +101,8 @@ def build_header() -> Shared:
             label="Base model", info="A Hub id, a local diffusers folder or .safetensors file, or a built-in model. "
             "Used by Train and Generate.",
         )
-        run = gr.Dropdown([], value=None, label="Run", scale=3, info="Each run keeps its own images, captions and results.")
+        run = gr.Dropdown([], value=None, label="Run", scale=3, info="Each run keeps its own images, captions and results.",
+                          elem_id="run-picker")
         with gr.Column(scale=1, min_width=180):
             keep = gr.Checkbox(True, label="Copy images & captions")
             new = gr.Button("New run", size="sm")

@@ -41,11 +41,12 @@ def build(shared: Shared) -> None:
                                                            min_width=220, elem_id=f"strength-{i}")
                 generate_btn = gr.Button("Generate: LoRA off and on, same seed", variant="primary", elem_id="generate-button")
                 with gr.Accordion("Add a LoRA file or one from the Hub", open=False):
-                    upload = gr.File(label="LoRA .safetensors (diffusers or kohya format)", file_types=[".safetensors"], height=100)
+                    upload = gr.File(label="LoRA .safetensors (diffusers or kohya format)", file_types=[".safetensors"], height=130,
+                                     elem_id="lora-upload")
                     with gr.Row(equal_height=True):
                         repo = gr.Textbox(label="Load from the Hub", placeholder="user/repo", scale=3)
                         hub_btn = gr.Button("Load", scale=1)
-                    lora_note = gr.Markdown()
+                    lora_note = gr.Markdown(elem_id="lora-note")
             with gr.Column(scale=3):
                 with gr.Row():
                     off = gr.Image(label="LoRA off", type="pil", format="png", interactive=False, height=360, elem_id="gen-off")
@@ -83,7 +84,7 @@ def lora_choices(session: Session) -> list[tuple[str, str]]:
     choices = [("none", NONE)]
     for run_id in session.runs():
         run = session.dir / run_id
-        when = time.strftime("%d %b %H:%M", time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
+        when = time.strftime("%d %b %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
         if (run / "final").is_dir():
             choices.append((f"{_lora_name(run / 'final')} · {when}", f"run:{run_id}"))
         elif (checkpoint := latest_checkpoint(run)) is not None:
@@ -199,7 +200,7 @@ def check_lora_file(path: Path) -> None:
     except Exception as e:  # noqa: BLE001 - a damaged or renamed file
         raise LoraStudioError(f"{path.name} is not a readable .safetensors file ({str(e)[:120]}).") from None
     if not any("lora" in key.lower() for key in keys):
-        what = "holds no tensors" if not keys else f"holds {len(keys)} tensors but no LoRA weights (e.g. {keys[0]})"
+        what = "holds no tensors" if not keys else f"holds no LoRA weights (its tensors are named like {keys[0]})"
         raise LoraStudioError(f"{path.name} {what}: it is not a LoRA. Choose the LoRA file a trainer wrote "
                               "(diffusers or kohya format).")
 
