@@ -31,6 +31,25 @@ CSS = """
 footer { display: none !important; }
 """
 
+# A restarted server has none of this page's server-side state (its session, hence its runs): every click would act
+# on an empty session while the page still shows the old one. gradio answers /gradio_api/app_id with an id that is
+# new at each start; when it changes, reload, and the page load takes the session back (header.restore_session).
+RESTART_WATCH_JS = """
+() => {
+  const root = (window.gradio_config && window.gradio_config.root) || window.location.origin;
+  let known = window.gradio_config && window.gradio_config.app_id;
+  setInterval(async () => {
+    try {
+      const answer = await fetch(root.replace(/\\/$/, "") + "/gradio_api/app_id", {cache: "no-store"});
+      if (!answer.ok) return;
+      const id = (await answer.json()).app_id;
+      if (known === undefined || known === null) known = id;
+      else if (id !== known) window.location.reload();
+    } catch (e) { /* the server is down: try again */ }
+  }, 3000);
+}
+"""
+
 
 def build_app() -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 6 * 3600)) as demo:
@@ -56,6 +75,7 @@ def launch_options(**overrides: Any) -> dict[str, Any]:
         "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
         "max_file_size": os.environ.get("LORA_STUDIO_MAX_UPLOAD", "2gb"),
         "css": CSS,
+        "js": RESTART_WATCH_JS,
         "theme": gr.themes.Soft(primary_hue="orange", secondary_hue="slate"),
         "ssr_mode": False,  # no Node server: one process, faster start
         "footer_links": ["api"],

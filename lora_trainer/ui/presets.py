@@ -24,9 +24,9 @@ class Preset:
     resolution: dict[str, int]  # family (sd | sdxl) -> pixels
 
     def settings(self, base: str) -> dict[str, object]:
-        """Config values {dotted: value} for `base` (tiny models always train at 64 px, bucket step 16)."""
-        if system.is_tiny(base):
-            resolution, bucket_step = system.TINY_RESOLUTION, system.TINY_BUCKET_STEP
+        """Config values {dotted: value} for `base` (a built-in base always trains at its own size)."""
+        if system.is_builtin(base):
+            resolution, bucket_step = system.builtin_size(base)
         else:
             resolution, bucket_step = self.resolution[system.base_family(base)], 64
         checkpoints = max(1, self.steps // 5)
