@@ -72,7 +72,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
         from .intake import ingest
 
         try:
-            report = ingest([args.images], run_dir / "dataset", resolution=args.resolution or cfg.data.resolution, trust_toml_paths=True)
+            from .models import native_resolution
+
+            resolution = args.resolution or cfg.data.resolution or native_resolution(args.base or cfg.model.base)
+            report = ingest([args.images], run_dir / "dataset", resolution=resolution, trust_toml_paths=True)
         except DatasetError as e:
             if e.report is not None:
                 print(e.report.format())
@@ -123,12 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"fetched {path.name} from {args.resume_from}")
     run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)
-    if main:
-        from .checkpoints import check_resumable
-
-        check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
-        config_mod.save(cfg, run_dir)
     try:
+        if main:
+            from .checkpoints import check_resumable
+
+            check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
+            config_mod.save(cfg, run_dir)
         from .train import train
 
         result = train(run_dir, cfg)

@@ -62,9 +62,19 @@ class DataSection:
         nonempty=True,
     )
     trigger: str = _f("ohwx", "Trigger word: the caption of an image without one, and the token the LoRA learns.")
-    resolution: int = _f(512, "Training resolution in pixels (the side of a square bucket).", min=64, max=4096, multiple_of=8)
+    resolution: int = _f(
+        0,
+        "Training resolution in pixels (the side of a square bucket); 0 = the base model's native resolution "
+        "(512 for SD 1.5, 1024 for SDXL, 32 for builtin:toy). It must be a multiple of the base's bucket step.",
+        min=0, max=4096, multiple_of=8,
+    )
     buckets: bool = _f(True, "Aspect-ratio buckets: train each image near its own shape instead of a centre crop.")
-    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.", min=8, max=256, multiple_of=8)
+    bucket_step: int = _f(
+        0,
+        "Bucket sides are multiples of this many pixels; 0 = the base model's own step (VAE x UNet downsampling: "
+        "64 for SD 1.5, 32 for SDXL, 8 for builtin:toy). A value that is not a multiple of it is raised to one.",
+        min=0, max=256, multiple_of=8,
+    )
     repeats: int = _f(1, "How many times each image is seen per epoch (multiplies a folder's own N_ repeats).", min=1, max=1000)
     flip: bool = _f(False, "Random horizontal flip (off for subjects with asymmetric features such as text or logos).")
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", min=0.0, max=1.0)
@@ -308,6 +318,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             errors += _check_rules(dotted, value, f.metadata)
     if cfg.lora.targets == "custom" and not cfg.lora.custom_targets:
         errors.append("lora.custom_targets must list at least one module name when lora.targets = 'custom'")
+    if "," in cfg.data.trigger:
+        errors.append(
+            f"data.trigger = {cfg.data.trigger!r} contains a comma: a trigger is one caption tag, and caption "
+            "shuffling and keep_tokens split tags at commas; use one word, e.g. 'ohwx'"
+        )
     if cfg.output.push_checkpoints_to and not REPO_ID.match(cfg.output.push_checkpoints_to):
         errors.append(f"output.push_checkpoints_to = {cfg.output.push_checkpoints_to!r} must look like user/name")
     if errors:

@@ -1,12 +1,15 @@
 """The events contract: the trainer appends one JSON object per line to `events.jsonl`.
 
 Types and their fields (every event also has `type` and `time`, seconds since the epoch):
-  started     step (0 or the resumed step), total_steps, base, kind (sd|sdxl), resumed (bool),
-              plan {images, buckets, epochs, steps_per_epoch, batch_size, ...}, device
+  started     step (0 or the resumed step), total_steps, base, kind (sd|sdxl), resumed (bool), resumed_from,
+              plan {images, repeats, buckets, epochs, steps_per_epoch, batch_size, cache_latents,
+              cache_text_embeddings, num_workers, gradient_checkpointing}, device, processes,
+              warnings [settings that train, probably not as meant]
   step        step, total_steps, loss, lr, sec_per_step, eta_seconds, memory {rss_gb, gpu_gb?}
   sample      step, images [paths relative to the run folder], prompts, seed
   checkpoint  step, path (relative to the run folder)
-  stopped     step, checkpoint (path)                 -- SIGTERM honoured, state saved
+  stopped     step, checkpoint (path, or null)       -- a stop request honoured: state saved; with
+              before_training: true it came while the model loaded (checkpoint: what a restart resumes)
   finished    step, final (path), files [paths]
   failed      step, error, hint                       -- the run cannot go on; `hint` says what to change
 

@@ -144,12 +144,7 @@ class Generator:
         self.base = models.resolve(base)
         self.device = device or default_device()
         self.key = key = (self.base.spec, self.device)
-        if self.base.is_builtin:
-            from .tiny import TINY_RESOLUTION
-
-            self.default_size = TINY_RESOLUTION
-        else:
-            self.default_size = 1024 if self.base.kind == "sdxl" else 512
+        self.default_size = models.geometry(self.base).default_resolution  # the base's native size
         with _LOCK:
             if key not in _PIPELINES:
                 dtype = torch.float16 if self.device == "cuda" else torch.float32

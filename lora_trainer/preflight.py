@@ -15,9 +15,7 @@ from typing import Any
 
 from . import dataset as ds
 from .config import TrainConfig
-from .models import guess_kind
-from .plan import plan_run
-from .tiny import TINY_MODELS
+from .plan import RunPlan, plan_run
 
 # Rough seconds per optimizer step at batch size 1, measured on the tiny model on 2 CPU cores and
 # taken from common reports for real models on a 24 GB GPU (A10G-class) at their native resolution.
@@ -34,15 +32,15 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
 
 
-def estimate_seconds(cfg: TrainConfig, total_steps: int, gpu: bool) -> float | None:
+def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
     """A rough duration of the run, or None where it would take days (a real model without a GPU)."""
-    kind = guess_kind(cfg.model.base)
-    if cfg.model.base in TINY_MODELS:
+    total_steps = run.total_steps
+    if run.base.is_builtin:  # the toy base is not measured yet: the tiny model's figures stand in
         per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10.0
     elif gpu:
-        seconds, native = GPU_STEP_SECONDS[kind]
-        per_step = seconds * (cfg.data.resolution / native) ** 2
-        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[kind], 60.0
+        seconds, native = GPU_STEP_SECONDS[run.base.kind]
+        per_step = seconds * (run.resolution / native) ** 2
+        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[run.base.kind], 60.0
     else:
         return None
     per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
@@ -77,6 +75,7 @@ class Preflight:
     estimate_seconds: float | None
     small: list[str] = field(default_factory=list)
     resolution: int = 0
+    warnings: list[str] = field(default_factory=list)  # settings that train, probably not as meant
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +83,7 @@ class Preflight:
             "per_epoch": self.per_epoch, "captioned": self.captioned, "buckets": [list(b) for b in self.buckets],
             "total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch, "epochs": self.plan.epochs,
             "processes": self.processes, "estimate_seconds": self.estimate_seconds, "small_images": self.small,
+            "resolution": self.resolution, "warnings": self.warnings,
         }
 
     def format(self, images_label: str | None = None) -> str:
@@ -101,6 +101,7 @@ class Preflight:
             lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (rough: it depends on the hardware)")
         else:
             lines.append("estimated time: days without a GPU; real models need one (builtin:tiny-sd runs anywhere)")
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.small:
             lines.append(
                 f"warning: {len(self.small)} image(s) are smaller than {self.resolution} px and will be upscaled: "
@@ -120,6 +121,7 @@ def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", proce
         captioned=sum(1 for i in run.items if i.caption != data.trigger), trigger=data.trigger,
         buckets=run.bucket_counts(), plan=run.batches, processes=run.processes,
         batch_size=cfg.optim.batch_size, accumulation=cfg.optim.gradient_accumulation,
-        estimate_seconds=estimate_seconds(cfg, run.total_steps, gpu_present() if gpu is None else gpu),
+        estimate_seconds=estimate_seconds(cfg, run, gpu_present() if gpu is None else gpu),
         small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
+        warnings=run.warnings,
     )

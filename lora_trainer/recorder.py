@@ -22,7 +22,7 @@ from . import checkpoints as ckpts
 from .config import TrainConfig
 from .events import EVENTS_FILENAME, EventWriter, make_event
 from .formats import save_lora
-from .fsutil import replace_dir
+from .fsutil import ensure_free, remove_partial_dirs, write_dir
 from .hub.checkpoints import Uploader
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ def memory_in_use() -> dict[str, float]:
     return mem
 
 
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised while the model loads or caches fill, when a stop was requested: nothing to save yet."""
+
+
 class StopRequest:
     """SIGTERM or Ctrl-C mean: finish the current step, save, stop. A second Ctrl-C aborts without saving."""
 
@@ -64,6 +68,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         log.info("stop requested: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    def check(self) -> None:
+        """Between the phases of loading: stop now if asked to."""
+        if self.requested:
+            raise StopRequested
 
 
 class ProgressBar:
@@ -109,6 +118,10 @@ class Recorder:
         self.t: Trainables | None = None
         self.plan: RunPlan | None = None
         self._failed_listeners: set[int] = set()
+        if self.main:  # what a killed run left half-written is not a checkpoint, and takes space
+            for folder in (run_dir, run_dir / "checkpoints"):
+                for path in remove_partial_dirs(folder):
+                    log.info("removed %s, left half-written by an earlier run", path.relative_to(run_dir))
 
     # -- events ------------------------------------------------------------------------------------
     def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
@@ -145,12 +158,19 @@ class Recorder:
             )
             t.frozen_off_device()
 
-    def started(self, step: int, resumed_from: str | None) -> None:
+    def started(self, step: int, resumed_from: str | None, warnings: list[str]) -> None:
         t, plan, opt = self.t, self.plan, self.cfg.optim
+        for warning in warnings:
+            log.warning("%s", warning)
         self.emit(
             "started", step=step, total_steps=plan.total_steps, base=self.cfg.model.base, kind=t.kind,
             resumed=resumed_from is not None, resumed_from=resumed_from, device=str(t.device), processes=plan.processes,
-            plan={**plan.summary(opt.batch_size), "cache_latents": t.cache_latents, "cache_text_embeddings": t.cache_text},
+            plan={
+                **plan.summary(opt.batch_size), "cache_latents": t.cache_latents, "cache_text_embeddings": t.cache_text,
+                "num_workers": 0 if t.cache_latents else self.cfg.data.num_workers,
+                "gradient_checkpointing": opt.gradient_checkpointing,
+            },
+            warnings=warnings,
         )
         log.info(
             "training %s LoRA on %s: %d images, %d steps (%s epochs), buckets %s, %d process(es) on %s",
@@ -183,6 +203,15 @@ class Recorder:
         self.wait_for_uploads()
         return {"status": "stopped", "step": done, "checkpoint": path}
 
+    def stopped_before_training(self, resume_from: Path | None) -> dict[str, Any]:
+        """A stop while the model loaded or the caches filled: nothing new to save; a restart resumes where
+        it would have."""
+        step = ckpts.checkpoint_step(resume_from) if resume_from else 0
+        where = str(resume_from.relative_to(self.run_dir)) if resume_from else None
+        self.emit("stopped", step=step, checkpoint=where, before_training=True)
+        log.info("stopped on request before training started%s", f"; {where} is kept" if where else "")
+        return {"status": "stopped", "step": step, "checkpoint": resume_from}
+
     # -- what the schedule asks for after a step -------------------------------------------------------
     def after_step(self, done: int) -> None:
         every, save_every = self.cfg.sampling.every, self.cfg.output.save_every
@@ -197,10 +226,7 @@ class Recorder:
         total = self.plan.total_steps
         final = self.run_dir / "final"
         if self.main:
-            tmp = self.run_dir / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._save_adapter(tmp, total)
-            replace_dir(tmp, final)
+            write_dir(final, lambda tmp: self._save_adapter(tmp, total), self.checkpoint_bytes())
         if start_step < total:  # else this is a finished run started again: its checkpoint and samples exist
             self.save_checkpoint(total)
             self.validate(total)
@@ -231,17 +257,31 @@ class Recorder:
             captions=[i.caption for i in self.plan.items],
         )
 
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: the adapter three times (two LoRA files and the resume
+        copy) and optimizer state of up to three times its size (AdamW keeps two moments, Prodigy more)."""
+        adapter = sum(p.numel() * p.element_size() for p in self.t.params)
+        return 6 * adapter + 2**20
+
+    def check_disk(self, what: str = "training") -> None:
+        """Refuse to start, or to write a checkpoint, on a disk that cannot hold it."""
+        if self.main:
+            copies = 2 if what == "training" else 1  # training: a checkpoint and final/
+            ensure_free(self.run_dir, copies * self.checkpoint_bytes(), f"{what} (checkpoints of this LoRA)")
+
     def save_checkpoint(self, step: int) -> Path:
         """Adapter files + training state into checkpoints/step-N, written aside then renamed into place."""
         t, opt = self.t, self.cfg.optim
         final = self.run_dir / "checkpoints" / f"step-{step:06d}"
-        tmp = final.with_name(f".tmp-{final.name}")
         if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._save_adapter(tmp, step)
+            self.check_disk(f"checkpoint {final.name}")
             meta = {"step": step, "total_steps": self.plan.total_steps, "seed": opt.seed, "settings": ckpts.resume_settings(self.cfg)}
-            ckpts.write_training_state(tmp, self._adapter_states(), t.optimizer, t.lr_scheduler, meta, scaler=self.accelerator.scaler)
-            replace_dir(tmp, final)
+
+            def write(tmp: Path) -> None:
+                self._save_adapter(tmp, step)
+                ckpts.write_training_state(tmp, self._adapter_states(), t.optimizer, t.lr_scheduler, meta, scaler=self.accelerator.scaler)
+
+            write_dir(final, write, self.checkpoint_bytes())
             self.emit("checkpoint", step=step, path=str(final.relative_to(self.run_dir)))
             log.info("saved checkpoint %s", final.relative_to(self.run_dir))
             if self.uploader:
@@ -301,20 +341,32 @@ class Recorder:
         folder = self.run_dir / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
+
+        def interrupt_on_stop(pipe, i, timestep, tensors):  # noqa: ARG001 - diffusers' callback signature
+            if self.stop.requested:
+                pipe._interrupt = True  # diffusers skips the remaining denoising steps
+            return {}
+
         autocast = torch.autocast(t.device.type, dtype=t.weight_dtype) if t.weight_dtype != torch.float32 else nullcontext()
         with torch.no_grad(), autocast:
             for k, prompt in enumerate(prompts):
                 image = t.pipe(
                     prompt, negative_prompt=smp.negative_prompt or None, num_inference_steps=smp.steps,
                     guidance_scale=smp.guidance, height=self.plan.resolution, width=self.plan.resolution,
-                    generator=torch.Generator("cpu").manual_seed(smp.seed + k),
+                    generator=torch.Generator("cpu").manual_seed(smp.seed + k), callback_on_step_end=interrupt_on_stop,
                 ).images[0]
+                if self.stop.requested:
+                    break
                 path = folder / f"{k}.png"
                 image.save(path)
                 paths.append(str(path.relative_to(self.run_dir)))
         t.frozen_off_device()
         for model in t.trained.values():
             model.train()
+        if self.stop.requested:  # half a set of samples compares with nothing: leave none
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("sample images of step %d skipped: a stop was requested", step)
+            return
         self.emit("sample", step=step, images=paths, prompts=prompts, seed=smp.seed)
 
     def wait_for_uploads(self) -> None:

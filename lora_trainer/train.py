@@ -31,23 +31,15 @@ from . import config as config_mod
 from . import dataset as ds
 from . import models
 from .checkpoints import latest_checkpoint
-from .errors import LoraStudioError, ModelLoadError
+from .errors import ModelLoadError, TrainingFailed
 from .optimizers import make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
-from .recorder import Listener, Recorder
+from .recorder import Listener, Recorder, StopRequest, StopRequested
 
 log = logging.getLogger("lora_trainer.train")
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet of a base can be trained to predict
-
-
-class TrainingFailed(LoraStudioError):
-    """Training could not go on (e.g. the loss became NaN); `hint` says what to change."""
-
-    def __init__(self, message: str, hint: str):
-        super().__init__(message)
-        self.hint = hint
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -86,19 +78,23 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
 
     accelerator, cfg = _accelerator(run_dir, cfg)
     opt, data, rank = cfg.optim, cfg.data, accelerator.process_index
-    checkpoint = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
-    recorder = Recorder(run_dir, cfg, accelerator, list(listeners))
+    recorder = Recorder(run_dir, cfg, accelerator, list(listeners))  # from here on, SIGTERM means "stop"
+    checkpoint = None
     try:
+        checkpoint = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
         set_seed(opt.seed)
         plan = plan_run(cfg, run_dir, accelerator.num_processes)
-        t = load_trainables(cfg, models.resolve(cfg.model.base, cfg.model.revision), accelerator, plan.total_steps)
-        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process)
-        start_step = resume(t, checkpoint, accelerator) if checkpoint else 0
+        t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
+        recorder.stop.check()
+        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, stop=recorder.stop)
+        start_step, checkpoint = resume(t, run_dir, checkpoint, accelerator) if checkpoint else (0, None)
         recorder.attach(t, plan)
-        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None)
+        recorder.check_disk()
+        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, plan.warnings)
         if start_step == 0:
             recorder.validate(0)
             recorder.render_samples(0)  # the base model's images, to compare progress against
+        recorder.stop.check()
 
         batches = ds.batch_source(
             ds.micro_batches(plan.items, opt.batch_size, opt.seed, data.flip, plan.batches, start_step=start_step,
@@ -145,6 +141,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         result = recorder.finished(start_step, loss_value)
         accelerator.end_training()
         return result
+    except StopRequested:
+        return recorder.stopped_before_training(checkpoint)
     finally:
         recorder.close()
 
@@ -338,8 +336,11 @@ def caching(cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
     return data.cache_latents, cache_text
 
 
-def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig, *, show_progress: bool) -> None:
-    """Encode every image (and its flip) and every caption once, then free the encoders' device memory."""
+def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig, *, show_progress: bool,
+                stop: StopRequest | None = None) -> None:
+    """Encode every image (and its flip) and every caption once, then free the encoders' device memory.
+
+    A stop request is honoured between two images (StopRequested)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -347,6 +348,8 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
         if t.cache_latents:
             needed = sorted({s for i in range(len(items)) for s in [(i, False), (i, True)] if cfg.data.flip or not s[1]})
             for index, flip in tqdm(needed, desc="caching latents", disable=not show_progress):
+                if stop is not None:
+                    stop.check()
                 pixels, crop = ds.load_pixels(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
@@ -359,15 +362,30 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
     t.frozen_off_device()
 
 
-def resume(t: Trainables, checkpoint: Path, accelerator) -> int:
-    """Adapter weights, optimizer and scheduler state from `checkpoint`; returns its step."""
+def resume(t: Trainables, run_dir: Path, checkpoint: Path, accelerator) -> tuple[int, Path]:
+    """Adapter weights, optimizer and scheduler state from `checkpoint` (or, where it cannot be read, from the
+    newest older one that can); returns the step and the checkpoint it came from."""
     from peft.utils import set_peft_model_state_dict
 
-    step, adapters = ckpts.read_training_state(checkpoint, list(t.trained), t.optimizer, t.lr_scheduler, accelerator.scaler)
-    for name, model in t.trained.items():
-        set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
-    log.info("resumed from %s at step %d", checkpoint.name, step)
-    return step
+    candidates = [c for c in reversed(ckpts.checkpoint_dirs(run_dir)) if ckpts.checkpoint_step(c) <= ckpts.checkpoint_step(checkpoint)]
+    problems = []
+    for candidate in candidates:
+        if candidate != checkpoint and ckpts.verify(candidate) is not None:
+            continue
+        try:
+            step, adapters = ckpts.read_training_state(candidate, list(t.trained), t.optimizer, t.lr_scheduler, accelerator.scaler)
+            for name, model in t.trained.items():
+                set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
+        except Exception as e:  # noqa: BLE001 - a file that verifies may still not load (written by another version)
+            problems.append(f"{candidate.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.warning("checkpoint %s cannot be loaded (%s); trying an older one", candidate.name, problems[-1])
+            continue
+        log.info("resumed from %s at step %d", candidate.name, step)
+        return step, candidate
+    raise TrainingFailed(
+        f"no checkpoint of this run can be loaded ({'; '.join(problems)})",
+        hint=f"delete {run_dir / 'checkpoints'} to train this run from the start, or restore the files from a copy",
+    )
 
 
 # -- one micro-batch -------------------------------------------------------------------------------------

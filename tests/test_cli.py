@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images, tiny_config
+from conftest import config_only_model, make_images, tiny_config
 from safetensors.torch import load_file
 
 from lora_trainer import config as config_mod
@@ -85,7 +85,8 @@ def test_bad_values_are_rejected_by_name_before_anything_loads(tmp_path, flags, 
 
 def test_check_prints_the_plan_without_loading_a_model(tmp_path):
     run = write_run(tmp_path, optim__steps=0 or 1, optim__epochs=3)
-    result = cli("check", str(run), "--set", "model.base=org/not-downloaded-anywhere")
+    sdxl = config_only_model(tmp_path / "sdxl", "sdxl")  # configs only: loading it would fail
+    result = cli("check", str(run), "--set", f"model.base={sdxl}", "--resolution", "1024", "--set", "data.bucket_step=64")
     assert result.returncode == 0, result.stderr
     assert "images: 4 from" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
     assert "buckets:" in result.stdout
@@ -230,3 +231,35 @@ def test_push_of_a_run_without_a_lora_is_one_line_naming_it(tmp_path):
     result = cli("push", str(tmp_path / "nothing"), "--repo", "someone/lora")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "There is no run folder" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+def test_a_32px_base_trains_at_its_own_size_on_32px_images(tmp_path):
+    from conftest import make_32px_model
+    from PIL import Image
+
+    model = make_32px_model(tmp_path / "model32")
+    images = make_images(tmp_path / "images", 3, sizes=((32, 32), (48, 32), (32, 40)))
+    run = tmp_path / "run"
+    result = cli("train", str(run), "--base", str(model), "--images", str(images), "--steps", "2", "--set", "sampling.every=2",
+                 "--set", "sampling.steps=2")
+    assert result.returncode == 0, result.stderr
+    assert "3 images added" in result.stdout  # none refused as too small
+    started = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "started"][0]
+    assert started["plan"]["buckets"] and all(w % 8 == 0 and h % 8 == 0 and w * h > 0 for w, h in started["plan"]["buckets"])
+    assert config_mod.load(run).data.resolution == 0  # "native": 32 px for this base
+    assert json.loads((run / "final" / "lora_info.json").read_text())["resolution"] == 32
+    sample = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "sample"][-1]
+    assert Image.open(run / sample["images"][0]).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [("/nonexistent/model", "base model '/nonexistent/model' not found"),
+     ("nobody/does-not-exist", "base model 'nobody/does-not-exist' could not be loaded"),
+     ("/etc/passwd", "is a suffix-less file; expected .safetensors or .ckpt")],
+)
+def test_check_resolves_the_base_like_train_does(tmp_path, base, message):
+    run = write_run(tmp_path)
+    result = cli("check", str(run), "--base", base)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr

@@ -138,3 +138,10 @@ def test_the_trainer_and_the_captions_tab_read_the_same_caption(tmp_path):
     write_caption(folder / "img001.png", "ohwx, edited")  # an edit wins everywhere: the .caption goes
     assert not (folder / "img001.caption").exists()
     assert {i.image.name: i.caption for i in ds.scan(folder, "zwx")}["img001.png"] == "ohwx, edited"
+
+
+def test_data_repeats_repeats_every_image_times_its_folder_repeats(tmp_path):
+    make_images(tmp_path / "d", 2)
+    make_images(tmp_path / "d" / "3_more", 1)
+    repeats = {i.image.relative_to(tmp_path / "d").as_posix(): i.repeats for i in ds.scan(tmp_path / "d", "t", repeats=2)}
+    assert repeats == {"img000.png": 2, "img001.png": 2, "3_more/img000.png": 6}
