@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption a folder; LoraStudioError propagates for main() to print as one line."""
-    from .captioning import caption_folder, captioner_options, make_captioner
+    from .captioners import captioner_options, make_captioner
+    from .captioning import caption_folder
 
     if args.detail is not None and args.model != "florence2":
         raise LoraStudioError("--detail is Florence-2's caption task; use it with --model florence2")
@@ -281,7 +282,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_caption_and_push(sub) -> None:
-    from .captioning import CAPTIONERS, DEFAULT_TEMPLATE, DETAILS, KINDS, STYLES
+    from .captioners import CAPTIONERS, DETAILS, KINDS
+    from .captioning import DEFAULT_TEMPLATE, STYLES
 
     p = sub.add_parser("caption", help="caption a folder of images (BLIP, Florence-2 or Qwen-VL) around a trigger word")
     p.add_argument("folder", metavar="DIR", help="Dataset folder: images (recursively) get a same-named .txt caption.")
