@@ -20,12 +20,16 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from .captioners import BlipCaptioner as BlipCaptioner  # re-exported: the captioners live in captioners.py
-from .captioners import (
-    Captioner,
-)
+# Re-exported (`X as X`): the captioners live in captioners.py; cli.py and the app import them from here.
+from .captioners import CAPTIONERS as CAPTIONERS
+from .captioners import DETAILS as DETAILS
+from .captioners import KINDS as KINDS
+from .captioners import BlipCaptioner as BlipCaptioner
+from .captioners import Captioner
 from .captioners import Florence2Captioner as Florence2Captioner
 from .captioners import QwenVLCaptioner as QwenVLCaptioner
+from .captioners import captioner_options as captioner_options
+from .captioners import make_captioner as make_captioner
 from .captioners import shared_captioner as shared_captioner
 from .captioners import unload_all as unload_all
 from .errors import DatasetError, LoraStudioError
