@@ -52,17 +52,16 @@ class Scorer:
         from diffusers import DDPMScheduler
         from PIL import Image
 
-        from . import dataset as ds
         from .inference import Generator, default_device
+        from .plan import plan_run
         from .validation import validation_set
 
         self.settings, self.notes = settings, notes
         self.base_spec = cfg.model.base
         self.gen = Generator(cfg.model.base, device or default_device())
-        self.kind, self.trigger, self.size = self.gen.base.kind, cfg.data.trigger.strip(), cfg.data.resolution
-        images_dir = Path(cfg.data.images) if Path(cfg.data.images).is_absolute() else run_dir / cfg.data.images
-        self.items = ds.scan(images_dir, cfg.data.trigger)
-        ds.assign_buckets(self.items, cfg.data.resolution, ds.bucket_step_for(cfg.model.base, cfg.data.bucket_step), cfg.data.buckets)
+        plan = plan_run(cfg, run_dir, 1)  # the images, buckets and resolution the run trained on
+        self.kind, self.trigger, self.size = self.gen.base.kind, cfg.data.trigger.strip(), plan.resolution
+        self.items = plan.items
         self.noise_scheduler = DDPMScheduler.from_config(self.gen.pipe.scheduler.config)
         self.vset = validation_set(
             self.items, self.gen.pipe.vae, self.kind, self.noise_scheduler.config.num_train_timesteps,
