@@ -34,7 +34,7 @@ class Preset:
 
     def settings(self, base: str) -> dict[str, object]:
         """Config values {dotted: value} for `base`; a built-in base trains at its own native resolution."""
-        from .models import TOY_BASE, guess_kind, is_builtin
+        from .models import BUILTIN_MODELS, TOY_BASE, guess_kind
 
         values: dict[str, object] = {
             "lora.rank": self.rank, "lora.alpha": self.alpha, "optim.learning_rate": self.learning_rate,
@@ -42,12 +42,12 @@ class Preset:
         }
         if base.strip() == TOY_BASE:
             values.update(self.toy)
-        if is_builtin(base):
+        if base.strip() in BUILTIN_MODELS:
             values["data.resolution"] = 0  # the base's own (models.geometry)
         else:
             values["data.resolution"] = self.resolution[guess_kind(base)]
         every = max(1, int(values["optim.steps"]) // 5)
-        values.update({"sampling.every": every, "output.save_every": every})
+        values = {"sampling.every": every, "output.save_every": every, **values}
         return values
 
 
@@ -57,7 +57,7 @@ PRESETS = {
         Preset("Style", "15-200 images", "an art style or look, applied to any subject", rank=16, alpha=16,
                learning_rate=1e-4, steps=2000, caption_style="sparse", resolution={"sd": 512, "sdxl": 1024},
                toy={"optim.learning_rate": 1e-3, "optim.steps": 300, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
-                    "optim.preservation_weight": 1.0}),
+                    "optim.preservation_weight": 1.0, "sampling.every": 100, "output.save_every": 100}),
         Preset("Character", "30-100 images", "one person, creature or character, recognisable in new scenes", rank=32,
                alpha=16, learning_rate=1e-4, steps=1500, caption_style="full", resolution={"sd": 512, "sdxl": 1024}),
         Preset("Product", "20-50 images", "one object (a bottle, a shoe, a logo) kept faithful in detail", rank=16,
