@@ -30,7 +30,7 @@ STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "
 class TrainTab:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        initial = presets.PRESETS[presets.DEFAULT_PRESET].settings(system.default_base())
+        initial = presets.settings(presets.DEFAULT_PRESET, system.default_base())
         self.settings: dict[str, gr.components.Component] = {"model.base": shared.base, "data.trigger": shared.trigger}
         with gr.Tab("3 · Train", id="train"):
             with gr.Row(equal_height=True):
@@ -119,7 +119,7 @@ def apply_preset(name: str, base: str) -> tuple:
     preset = presets.PRESETS.get(name)
     if preset is None:
         return (presets.describe(name), *skip_all(1 + len(presets.FIELDS)))
-    values = preset.settings(base)
+    values = presets.form_values(name, base)
     note, style = presets.describe(name), preset.caption_style
     if style in BLIP_STYLES and not system.blip_loadable(captioning.DEFAULT_CAPTION_MODEL):
         note += (" The captioning model (BLIP) cannot load on this machine, so the caption style was left as it is: "
@@ -135,7 +135,7 @@ def fresh_settings(session: Session, preset_name: str, base: str) -> tuple:
     values = {n: fields.from_config(config_mod.TrainConfig(), n) for n in names}
     preset = presets.PRESETS.get(preset_name)
     if preset is not None:
-        values.update(preset.settings(base))
+        values.update(presets.form_values(preset_name, base))
     elif system.is_builtin(base):
         values["data.resolution"], values["data.bucket_step"] = system.builtin_size(base)
     values["output.name"] = unused_name(session, str(values["output.name"]))
@@ -161,7 +161,7 @@ def apply_base(base: str, preset_name: str) -> tuple:
     if system.is_builtin(base):
         return system.builtin_size(base)
     preset = presets.PRESETS.get(preset_name) or presets.PRESETS[presets.DEFAULT_PRESET]
-    values = preset.settings(base)
+    values = presets.form_values(preset.name, base)
     return values["data.resolution"], values["data.bucket_step"]
 
 
