@@ -105,7 +105,7 @@ def _setup_logging(run_dir: Path | None, main: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3"):
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "httpx2", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -126,6 +126,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"fetched {path.name} from {args.resume_from}")
     run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)
+    if getattr(args, "on", "local") == "hf-jobs":
+        from .hub.jobcli import train_command
+
+        if main:
+            from .checkpoints import check_resumable
+
+            check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
+            config_mod.save(cfg, run_dir)
+        return train_command(run_dir, args)
     try:
         if main:
             from .checkpoints import check_resumable
@@ -204,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LoRA (resumes if the run folder has a checkpoint)")
     _add_config_arguments(p)
     p.add_argument("--resume-from", help="hub:user/name: continue from the newest checkpoint pushed there")
+    from .hub.jobcli import add_job_arguments
+
+    add_job_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="validate the config and dataset and print the plan, without loading a model")

@@ -349,6 +349,13 @@ def test_a_pushed_checkpoint_comes_back_byte_identical_in_a_fresh_run_folder(fak
     assert [p.name for p in (fresh / "checkpoints").iterdir()] == ["step-000050"]  # no staging folder left
 
 
+def test_a_checkpoint_of_a_run_given_by_a_relative_path_is_pushed(fake, tmp_path, monkeypatch):
+    make_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    hub_checkpoints.push_checkpoint(Path("run"), Path("run/checkpoints/step-000050"), "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+    assert "checkpoints/step-000050/trainer_state.json" in stored(fake, "alice/ckpts")
+
+
 def test_fetch_takes_the_newest_checkpoint_and_keeps_an_existing_config(fake, tmp_path):
     run = make_run(tmp_path / "run")
     for step in ("step-000050", "step-000100"):
@@ -373,7 +380,7 @@ def test_a_failed_fetch_leaves_no_half_checkpoint(fake, tmp_path):
     with pytest.raises(HubError, match="Could not download"):
         hub_checkpoints.fetch_checkpoint("alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
 
-    assert list((fresh / "checkpoints").iterdir()) == []  # neither step-000050/ nor the staging folder
+    assert not (fresh / "checkpoints").exists() and not list(fresh.glob(".fetch-*"))  # no step-000050/, no staging folder
 
 
 def test_fetch_from_a_repo_without_checkpoints_says_so(fake, tmp_path):

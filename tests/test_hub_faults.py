@@ -18,7 +18,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from conftest import make_images, tiny_config
-from fake_hub import WRITE_TOKEN, FakeHub, wait_following_progress
+from fake_hub import WRITE_TOKEN, FakeHub, Until, wait_following_progress
 from test_hub import make_run
 
 from lora_trainer import config as config_mod
@@ -81,7 +81,7 @@ def test_stop_during_a_hung_upload_stops_records_the_checkpoint_and_a_resume_pus
 
     while not checkpointed():  # the first checkpoint is saved and its push hangs
         assert proc.poll() is None, out.read_text()[-3000:]
-        wait_following_progress(_Until(checkpointed), progress)
+        wait_following_progress(Until(checkpointed), progress)
     proc.send_signal(signal.SIGTERM)
     assert wait_following_progress(proc, progress) == 0, out.read_text()[-3000:]
 
@@ -104,24 +104,6 @@ def test_stop_during_a_hung_upload_stops_records_the_checkpoint_and_a_resume_pus
     assert f"{stopped[0]['checkpoint']}/trainer_state.json" in stored
     assert "checkpoints/step-000008/trainer_state.json" in stored
     assert not (run / hub_checkpoints.PENDING_FILE).exists()
-
-
-class _Until:
-    """A Popen-like object whose poll() is 'done' once `condition()` holds: waits on a condition with progress."""
-
-    def __init__(self, condition):
-        self.condition, self.returncode = condition, None
-
-    def poll(self):
-        if self.condition():
-            self.returncode = 0
-        return self.returncode
-
-    def kill(self):
-        pass
-
-    def wait(self):
-        return self.returncode
 
 
 # -- the uploader, in this process ----------------------------------------------------------------
@@ -157,7 +139,7 @@ def test_close_waits_a_bounded_time_then_reports_and_records_what_did_not_upload
     left: list = []
     closing = threading.Thread(target=lambda: left.append(uploader.close()), daemon=True)
     closing.start()  # in a thread: a close that waited for ever would fail this test, not hang it
-    wait_following_progress(_Until(lambda: not closing.is_alive()), lambda: len(fake.requests))
+    wait_following_progress(Until(lambda: not closing.is_alive()), lambda: len(fake.requests))
     assert left == [["checkpoints/step-000002", "checkpoints/step-000004"]]
     assert [r["checkpoints"] for r in reports] == [["checkpoints/step-000002", "checkpoints/step-000004"]]
     assert "still uploading after 0.2 s" in reports[0]["message"] and "resumes" in reports[0]["message"]

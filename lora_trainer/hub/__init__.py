@@ -4,7 +4,10 @@
 - publish.py      publish a finished run (push_run, the `push` command), download a LoRA
 - checkpoints.py  push checkpoints while training (Uploader), fetch the newest one to resume
 - modelcard.py    the model card (README.md) and loss curve of a published LoRA
-- jobs.py         train on Hugging Face Jobs
+- jobs.py         train on Hugging Face Jobs: flavours, submit, stop, the run's hf_job.json (docs/jobs.md)
+- jobmonitor.py   follow a job: its log stream into events.jsonl, continuation of a dead job, files back
+- jobrunner.py    what runs inside the job: fetch the run, train it, stop on request
+- jobcli.py       `train RUN --on hf-jobs --flavor F`
 
 The names below are the package's public API; import the modules for the rest.
 """

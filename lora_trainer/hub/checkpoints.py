@@ -36,6 +36,7 @@ from .client import (
     retrying,
     scrub,
 )
+from .modelcard import sample_files
 
 log = logging.getLogger("lora_trainer.checkpoints")
 
@@ -56,13 +57,14 @@ def push_checkpoint(
 ) -> PushResult:
     """Upload a checkpoint folder (adapters, trainer_state.json, state/) to checkpoints/step-NNNNNN/.
 
-    Also uploads the run's config.toml and its dataset/ folder (images and captions, when the run
+    Also uploads the run's config.toml, its samples so far and its dataset/ folder (images and captions, when the run
     trains on its own copy), so `fetch_checkpoint` can resume on a fresh machine; files already on
     the Hub are not uploaded again. The repo is created private if it does not exist. Raises
     HubError; see `push_checkpoint_safely`.
     """
     run_dir, checkpoint = Path(run_dir), Path(checkpoint_dir)
-    checkpoint = checkpoint if checkpoint.is_absolute() else run_dir / checkpoint
+    if not checkpoint.is_absolute() and not checkpoint.is_dir():  # a path inside the run (checkpoints/step-N)
+        checkpoint = run_dir / checkpoint
     match = re.fullmatch(r"step-(\d+)", checkpoint.name)
     if not checkpoint.is_dir() or not match:
         raise HubError(f"{checkpoint} is not a checkpoint folder (expected checkpoints/step-NNNNNN/ in the run).")
@@ -80,6 +82,8 @@ def push_checkpoint(
     if (run_dir / config_mod.CONFIG_FILENAME).is_file():
         files[config_mod.CONFIG_FILENAME] = run_dir / config_mod.CONFIG_FILENAME
     files.update(_dataset_files(run_dir))
+    # The samples so far, so a machine that follows the run from elsewhere (hub/jobs.py) can show them.
+    files.update({p.relative_to(run_dir).as_posix(): p for p in sample_files(run_dir)})
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(token, f"pushing a checkpoint to {repo_id}", repo_id):
         retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=True, exist_ok=True))
@@ -124,7 +128,21 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
 
     The checkpoint lands in <run_dir>/checkpoints/step-NNNNNN/ complete or not at all (it is
     downloaded into a hidden folder and renamed). config.toml and the dataset/ folder are fetched too
-    when the run has none. Returns the local checkpoint folder.
+    when the run has none. Returns the local checkpoint folder; HubError if the repo holds none.
+    """
+    checkpoint = fetch_run(spec, run_dir, token=token, endpoint=endpoint, require_checkpoint=True)
+    assert checkpoint is not None
+    return checkpoint
+
+
+def fetch_run(
+    spec: str, run_dir: str | Path, *, token: str | None = None, endpoint: str | None = None, require_checkpoint: bool = False
+) -> Path | None:
+    """`fetch_checkpoint`, for a repo that may hold a run (config.toml, dataset/) and no checkpoint yet.
+
+    Returns the local checkpoint folder, or None when the repo has no checkpoint (the run then starts
+    at step 0). HubError if the repo holds neither a checkpoint nor a config.toml (or no checkpoint,
+    with `require_checkpoint`), before anything is downloaded.
     """
     repo_id, run_dir = parse_spec(spec), Path(run_dir)
     token = resolve_token(token)
@@ -136,21 +154,23 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
             if m := _STEP_DIR.match(path):
                 steps.setdefault(int(m.group(1)), []).append(path)
         complete = [s for s, paths in steps.items() if any(p.endswith("/trainer_state.json") for p in paths)]
-        if not complete:
+        if not complete and require_checkpoint:
             raise HubError(f"'{repo_id}' holds no checkpoint (no checkpoints/step-*/trainer_state.json) to resume from.")
-        step = max(complete)
-        target = run_dir / "checkpoints" / f"step-{step:06d}"
+        if not complete and config_mod.CONFIG_FILENAME not in listing:
+            raise HubError(f"'{repo_id}' holds no run: no checkpoints/step-*/trainer_state.json and no config.toml.")
+        target = run_dir / "checkpoints" / f"step-{max(complete):06d}" if complete else None
         need_config = not (run_dir / config_mod.CONFIG_FILENAME).exists() and config_mod.CONFIG_FILENAME in listing
         dataset = [p for p in listing if p.startswith(f"{DATASET_DIR}/")] if not (run_dir / DATASET_DIR).exists() else []
         # A checkpoint folder that is already here is complete (every write is atomic): keep it.
-        wanted = ([] if target.is_dir() else steps[step]) + ([config_mod.CONFIG_FILENAME] if need_config else []) + dataset
+        fetch_target = target is not None and not target.is_dir()
+        wanted = (steps[max(complete)] if fetch_target else []) + ([config_mod.CONFIG_FILENAME] if need_config else []) + dataset
         if not wanted:
             return target
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in target.parent.glob(".fetch-*"):  # from a fetch that was killed halfway
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in [*run_dir.glob(".fetch-*"), *run_dir.glob("checkpoints/.fetch-*")]:  # from a killed fetch
             shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".fetch-{target.name}-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=run_dir))
         try:
             for path in wanted:  # hf_hub_download retries timeouts and dropped connections itself
                 hf_hub_download(repo_id, path, local_dir=staging, token=token, endpoint=api.endpoint)
@@ -158,7 +178,8 @@ def fetch_checkpoint(spec: str, run_dir: str | Path, *, token: str | None = None
                 os.replace(staging / config_mod.CONFIG_FILENAME, run_dir / config_mod.CONFIG_FILENAME)
             if dataset:
                 os.replace(staging / DATASET_DIR, run_dir / DATASET_DIR)
-            if not target.is_dir():
+            if fetch_target:
+                target.parent.mkdir(exist_ok=True)
                 os.replace(staging / "checkpoints" / target.name, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -304,7 +325,7 @@ class Uploader:
             with self._lock:
                 still_uploading = bool(self._queued)
                 reason = next(reversed(self._failed.values()), "") if self._failed else ""
-            why = f"still uploading after {self.wait:g} s" if still_uploading else f"the push failed: {reason}"
+            why = f"still uploading after {self.wait:g} s" if still_uploading else f"the push failed: {reason.rstrip('.')}"
             message = (
                 f"{len(left)} checkpoint(s) not uploaded to {self.repo} ({', '.join(Path(p).name for p in left)}): "
                 f"{why}. They are kept and recorded in {PENDING_FILE}, and pushed again when this run resumes "
