@@ -672,7 +672,8 @@ def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(wher
         env = {**os.environ, "SPACE_ID": "someone/lora-studio", "OAUTH_CLIENT_ID": "client-id",
                "OAUTH_CLIENT_SECRET": "client-secret", "OAUTH_SCOPES": scopes, "OPENID_PROVIDER_URL": hf.url,
                "GRADIO_SERVER_PORT": str(port), "LORA_STUDIO_WORKSPACE": str(tmp_path / "ws"), "LORA_STUDIO_GPU": "0",
-               "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0"}
+               "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0",
+               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         if where == "space":
             env["SYSTEM"] = "spaces"
         else:
