@@ -515,7 +515,7 @@ def test_the_default_base_suits_the_machine_and_the_page_says_why(gpu, toy_base,
         assert (system.TOY in [v for _, v in system.base_choices()]) == toy_base
         notice = system.hardware_notice()
         assert notice == "" if gpu == "1" else "need an NVIDIA GPU" in notice and ("toy world" in notice) == toy_base
-        resolution = presets.PRESETS["Style"].settings(expected)["data.resolution"]
+        resolution = presets.settings("Style", expected)["data.resolution"]
         assert resolution == {system.TOY: 32, system.TINY_SD: 64, system.SD15: 512}[expected]
     finally:
         system.has_gpu.cache_clear()
