@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import queue
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -217,51 +214,8 @@ def prune(run_dir: Path, keep: int, protect: set[Path] = frozenset()) -> None:
 def write_model_card(run_dir: Path, name: str) -> None:
     """README.md in the run folder: the model card a push would publish. Never fails the run."""
     try:
-        from .modelcard import render_model_card
+        from .hub.modelcard import render_model_card
 
         atomic_write_text(run_dir / "README.md", render_model_card(run_dir, name))
     except Exception as e:  # noqa: BLE001 - a card is a courtesy; the LoRA is already saved
         log.warning("could not write README.md: %s", e)
-
-
-class Uploader:
-    """Pushes checkpoints to a Hub repo one at a time, in a background thread, without blocking training.
-
-    A failed push is logged, never raised. Pruning (keep the newest `keep`) happens after each push
-    and spares checkpoints still waiting in the queue.
-    """
-
-    def __init__(self, run_dir: Path, repo: str, keep: int = 0):
-        self.run_dir, self.repo, self.keep = run_dir, repo, keep
-        self._queue: queue.Queue[Path | None] = queue.Queue()
-        self._pending: set[Path] = set()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, checkpoint: Path) -> None:
-        self._pending.add(checkpoint)
-        self._queue.put(checkpoint)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
-            self._thread.start()
-
-    def _work(self) -> None:
-        from .hub_checkpoints import push_checkpoint_safely
-
-        while (checkpoint := self._queue.get()) is not None:
-            error = push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
-            if error:
-                log.warning("checkpoint push to %s failed: %s", self.repo, error)
-            else:
-                log.info("pushed %s to %s", checkpoint.name, self.repo)
-            self._pending.discard(checkpoint)
-            if self.keep:
-                prune(self.run_dir, self.keep, protect=set(self._pending))
-
-    def close(self) -> None:
-        """Wait for every queued push to finish."""
-        if self._thread is not None:
-            if self._pending:
-                log.info("waiting for %d checkpoint upload(s) to finish", len(self._pending))
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None

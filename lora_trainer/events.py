@@ -19,12 +19,18 @@ The UI only reads this file; `read_events` tolerates a half-written last line.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "events.jsonl"
-EVENT_TYPES = ("started", "step", "sample", "checkpoint", "stopped", "finished", "failed")
+EVENT_TYPES = (
+    "started", "step", "validation", "sample", "checkpoint", "upload_pending", "evaluation", "stopped", "finished", "failed",
+)
+# With LORA_STUDIO_EVENTS_TO_STDOUT=1 each event is also printed as LOG_PREFIX + its JSON line: on
+# Hugging Face Jobs the log stream is how they reach the machine that follows the run (hub/jobs.py).
+ECHO_ENV, LOG_PREFIX = "LORA_STUDIO_EVENTS_TO_STDOUT", "@lora-studio-event "
 
 
 def make_event(type: str, /, **fields: Any) -> dict[str, Any]:
@@ -51,8 +57,11 @@ class EventWriter:
         return event
 
     def __call__(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=str) + "\n"
+        if os.environ.get(ECHO_ENV) == "1":
+            print(LOG_PREFIX + line, end="", flush=True)
         try:
-            self._file.write(json.dumps(event, default=str) + "\n")
+            self._file.write(line)
             self._file.flush()
         except (OSError, ValueError):  # ValueError: written after close
             pass

@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .events import EVENTS_FILENAME, EventWriter, make_event
 from .formats import save_lora
 from .fsutil import ensure_free, remove_partial_dirs, write_dir
+from .hub.checkpoints import Uploader
 
 if TYPE_CHECKING:
     from .plan import RunPlan
@@ -109,7 +110,10 @@ class Recorder:
         self.stop = StopRequest()
         self.stop.install()
         out = cfg.output
-        self.uploader = ckpts.Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints) if out.push_checkpoints_to and self.main else None
+        self.uploader = (
+            Uploader(run_dir, out.push_checkpoints_to, out.keep_checkpoints, on_pending=lambda data: self.emit("upload_pending", **data))
+            if out.push_checkpoints_to and self.main else None
+        )
         self.t: Trainables | None = None
         self.plan: RunPlan | None = None
         self._failed_listeners: set[int] = set()
@@ -142,6 +146,16 @@ class Recorder:
             "prediction_type": t.noise_scheduler.config.prediction_type,
         }
         self.adapter_configs = {name: _adapter_config(self._unwrap(m)) for name, m in t.trained.items()}
+        self.validation = None
+        if self.main and cfg.sampling.every:  # a fixed set, so its loss is comparable across steps
+            from .validation import validation_set
+
+            t.frozen_to_device()
+            self.validation = validation_set(
+                plan.items, t.vae, t.kind, t.noise_scheduler.config.num_train_timesteps, images=cfg.eval.validation_images,
+                timesteps=cfg.eval.validation_timesteps, seed=cfg.eval.seed, device=t.device,
+            )
+            t.frozen_off_device()
 
     def started(self, step: int, resumed_from: str | None, warnings: list[str]) -> None:
         t, plan, opt = self.t, self.plan, self.cfg.optim
@@ -208,6 +222,7 @@ class Recorder:
     def after_step(self, done: int) -> None:
         every, save_every = self.cfg.sampling.every, self.cfg.output.save_every
         if every and done % every == 0 and done < self.plan.total_steps:
+            self.validate(done)
             self.render_samples(done)
         if save_every and done % save_every == 0 and done < self.plan.total_steps:
             self.save_checkpoint(done)
@@ -220,7 +235,9 @@ class Recorder:
             write_dir(final, lambda tmp: self._save_adapter(tmp, total), self.checkpoint_bytes())
         if start_step < total:  # else this is a finished run started again: its checkpoint and samples exist
             self.save_checkpoint(total)
+            self.validate(total)
             self.render_samples(total)
+            self.evaluate_checkpoints()
         files = []
         if self.main:
             ckpts.write_model_card(self.run_dir, self.cfg.output.name)  # after the last samples: the card shows them
@@ -279,6 +296,42 @@ class Recorder:
                 ckpts.prune(self.run_dir, self.cfg.output.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
+
+    # -- measurements --------------------------------------------------------------------------------
+    def validate(self, step: int) -> None:
+        """The denoising loss on the fixed validation set (same images, noise and timesteps every time)."""
+        from .validation import validation_loss
+
+        if self.validation is None:
+            return
+        t = self.t
+        t.frozen_to_device()
+        unet = self._unwrap(t.trained["unet"])
+        names = ("text_encoder", "text_encoder_2")
+        encoders = [self._unwrap(t.trained.get(n, te)) for n, te in zip(names, t.text_encoders, strict=False)]
+        value = validation_loss(unet, encoders, t.tokenizers, self.validation, t.noise_scheduler, t.kind)
+        t.frozen_off_device()
+        self.emit("validation", step=step, val_loss=round(value, 6), images=len(self.validation.cases))
+
+    def evaluate_checkpoints(self) -> None:
+        """Score every checkpoint and pick one (best/) when eval.after_training says so; a finished LoRA is
+        never lost to an evaluation that fails."""
+        import torch
+
+        from .evaluate import evaluate, runs_after_training
+
+        if not self.main or not runs_after_training(self.cfg.eval, self.cfg.model.base, torch.cuda.is_available()):
+            return
+        try:
+            data = evaluate(self.run_dir, self.cfg.eval, "all", device=str(self.t.device))
+        except Exception as e:  # noqa: BLE001 - the LoRA is saved; `evaluate` can be run again later
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            log.warning("evaluation after training failed (%s: %s); run `python -m lora_trainer evaluate %s`",
+                        type(e).__name__, first, self.run_dir)
+            return
+        pick = data.get("recommendation") or {}
+        self.emit("evaluation", file="evaluation.json", best=pick.get("name"), reason=pick.get("reason"),
+                  seconds=data.get("seconds"), notes=data.get("notes", []))
 
     def render_samples(self, step: int) -> None:
         """The sample prompts at fixed seeds, LoRA on, into samples/step-N/."""

@@ -57,11 +57,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def build_tokenizer_files(num_merges: int = 600) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocab and merges of a CLIP BPE tokenizer learned from the built-in word list."""
+def build_tokenizer_files(
+    num_merges: int = 600, extra_words: tuple[str, ...] = ()
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab and merges of a CLIP BPE tokenizer learned from the built-in word list (and `extra_words`)."""
     chars = list(_bytes_to_unicode().values())
     vocab_tokens = chars + [c + "</w>" for c in chars]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in [*_CORPUS, *extra_words])
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter = Counter()

@@ -34,6 +34,7 @@ from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
 from .optimizers import make_optimizer
 from .plan import plan_run
+from .preservation import adapters_disabled, without_trigger
 from .recorder import Listener, Recorder, StopRequested
 
 log = logging.getLogger("lora_trainer.train")
@@ -94,6 +95,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         recorder.check_disk()
         recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, plan.warnings)
         if start_step == 0:
+            recorder.validate(0)
             recorder.render_samples(0)  # the base model's images, to compare progress against
         recorder.check_stop()
 
@@ -198,6 +200,8 @@ class Trainables:
     weight_dtype: Any  # of the frozen weights; LoRA weights stay fp32
     cache_latents: bool
     cache_text: bool
+    preserve_weight: float = 0.0  # output preservation's weight (0: off)
+    preserve_class: str = ""  # the word that stands in for the trigger in preservation captions
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (latent, crop top-left)
     text_cache: dict = field(default_factory=dict)  # caption -> (embeddings, pooled or None)
 
@@ -283,6 +287,7 @@ def load_trainables(cfg: config_mod.TrainConfig, base: models.BaseModel, acceler
         optimizer=prepared[len(trained)], lr_scheduler=prepared[len(trained) + 1],
         params=[p for group in groups for p in group["params"]], device=device, weight_dtype=weight_dtype,
         cache_latents=cache_latents, cache_text=cache_text,
+        preserve_weight=cfg.optim.preservation_weight, preserve_class=cfg.optim.preservation_class,
     )
 
 
@@ -351,7 +356,10 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
                 pixels, crop = ds.load_pixels(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
-            for caption in sorted({item.caption for item in items}):
+            captions = {item.caption for item in items}
+            if t.preserve_weight:
+                captions |= {without_trigger(c, cfg.data.trigger, t.preserve_class) for c in captions}
+            for caption in sorted(captions):
                 embeds, pooled = encode_text([caption], t.tokenizers, t.text_encoders, t.kind, t.device)
                 t.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
     t.frozen_off_device()
@@ -382,6 +390,8 @@ class Batch:
     latents: Any  # scaled VAE latents, (B, C, h, w), in the frozen weights' dtype
     embeds: Any  # caption embeddings
     added_cond: dict[str, Any] | None = None  # SDXL: pooled caption embeddings and the size/crop time ids
+    # Output preservation: the captions without the trigger, as the LoRA model and as the base model read them.
+    preserve: tuple[Any, Any, dict[str, Any] | None, dict[str, Any] | None] | None = None
 
 
 def prepare_batch(pixels, latents, where: dict[str, list], t: Trainables, items: list[ds.Item], data, rng: random.Random) -> Batch:
@@ -396,21 +406,41 @@ def prepare_batch(pixels, latents, where: dict[str, list], t: Trainables, items:
         ds.process_caption(items[i].caption, rng, shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens, dropout=data.caption_dropout)
         for i, _ in where["samples"]
     ]
-    if t.cache_text:
-        embeds = torch.stack([t.text_cache[c][0] for c in captions])
-        pooled = torch.stack([t.text_cache[c][1] for c in captions]) if t.kind == "sdxl" else None
-    else:
-        with nullcontext() if t.train_text_encoder else torch.no_grad():
-            embeds, pooled = encode_text(captions, t.tokenizers, t.text_encoders, t.kind, t.device)
-    added = None
+    embeds, pooled = _embed(captions, t)
+    time_ids = None
     if t.kind == "sdxl":  # SDXL's micro-conditioning: original size, crop top-left, target size
         h, w = latents.shape[-2] * t.vae_scale, latents.shape[-1] * t.vae_scale
         time_ids = torch.tensor(
             [[items[i].size[1], items[i].size[0], *crop, h, w] for (i, _), crop in zip(where["samples"], where["top_left"], strict=True)],
             device=t.device, dtype=embeds.dtype,
         )
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-    return Batch(latents, embeds.to(t.weight_dtype), added)
+    added = {"text_embeds": pooled, "time_ids": time_ids} if time_ids is not None else None
+    preserve = None
+    if t.preserve_weight:
+        plain = [without_trigger(c, data.trigger, t.preserve_class) for c in captions]
+        lora_embeds, lora_pooled = _embed(plain, t)
+        with adapters_disabled([_inner(m) for n, m in t.trained.items() if n != "unet"]):
+            base_embeds, base_pooled = _embed(plain, t, grad=False)
+        conds = [{"text_embeds": p, "time_ids": time_ids} if time_ids is not None else None for p in (lora_pooled, base_pooled)]
+        preserve = (lora_embeds.to(t.weight_dtype), base_embeds.to(t.weight_dtype), *conds)
+    return Batch(latents, embeds.to(t.weight_dtype), added, preserve)
+
+
+def _embed(captions: list[str], t: Trainables, grad: bool = True):
+    """Caption embeddings: from the cache, or from the text encoders (with gradients when their LoRA trains)."""
+    import torch
+
+    if t.cache_text:
+        embeds = torch.stack([t.text_cache[c][0] for c in captions])
+        pooled = torch.stack([t.text_cache[c][1] for c in captions]) if t.kind == "sdxl" else None
+        return embeds, pooled
+    with nullcontext() if grad and t.train_text_encoder else torch.no_grad():
+        return encode_text(captions, t.tokenizers, t.text_encoders, t.kind, t.device)
+
+
+def _inner(model):
+    """The module inside accelerate's DistributedDataParallel wrapper (itself when not wrapped)."""
+    return getattr(model, "module", model)
 
 
 # -- the diffusion step ----------------------------------------------------------------------------------
@@ -436,6 +466,30 @@ class Loss:
 
 # An extra loss term (e.g. output preservation): computed from the batch, the trainables and the step.
 LossTerm = Callable[[Batch, Trainables, DiffusionStep], Any]
+
+
+def _predict(t: Trainables, batch: Batch, noisy, timesteps):
+    """(the LoRA model's prediction, None) or, with output preservation, (prediction, (the LoRA model's and
+    the base model's predictions for the untriggered captions))."""
+    import torch
+
+    if batch.preserve is None:
+        return t.unet(noisy, timesteps, batch.embeds, added_cond_kwargs=batch.added_cond, return_dict=False)[0], None
+    lora_embeds, base_embeds, lora_cond, base_cond = batch.preserve
+    with torch.no_grad(), adapters_disabled([_inner(t.unet)]):
+        base = t.unet(noisy, timesteps, base_embeds, added_cond_kwargs=base_cond, return_dict=False)[0]
+    both = t.unet(
+        torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), torch.cat([batch.embeds, lora_embeds]),
+        added_cond_kwargs=_cat_conds(batch.added_cond, lora_cond), return_dict=False,
+    )[0]
+    pred, preserved = both.chunk(2)
+    return pred, (preserved, base)
+
+
+def _cat_conds(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    import torch
+
+    return None if a is None else {k: torch.cat([a[k], b[k]]) for k in a}
 
 
 def sample_noise(latents, rng, noise_offset: float):
@@ -489,12 +543,16 @@ def compute_loss(
     # The forward diffusion process: noise the latents to each timestep.
     noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(t.noise_scheduler, latents, noise, timesteps)
-    # Predict the noise (or velocity) with the UNet + LoRA.
-    pred = t.unet(noisy, timesteps, batch.embeds, added_cond_kwargs=batch.added_cond, return_dict=False)[0]
+    # Predict the noise (or velocity) with the UNet + LoRA (and, for output preservation, the same noisy
+    # latents with the untriggered captions, in the same call).
+    pred, preserved = _predict(t, batch, noisy, timesteps)
     # Mean squared error per image, optionally Min-SNR weighted.
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
     weights = min_snr_weights(t.noise_scheduler, timesteps, opt.min_snr_gamma) if opt.min_snr_gamma else None
     value = (per_sample * weights).mean() if weights is not None else per_sample.mean()
     step = DiffusionStep(noise, timesteps, noisy, target, pred)
     terms = {name: term(batch, t, step) for name, term in (extra_terms or {}).items()}
+    if preserved is not None:
+        # Output preservation: untriggered, the LoRA model should predict what the base model predicts.
+        terms["preservation"] = t.preserve_weight * F.mse_loss(preserved[0].float(), preserved[1].float())
     return Loss(value + sum(terms.values()) if terms else value, per_sample, weights, step, terms)

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_images
 from fake_hub import WRITE_TOKEN, FakeHub
@@ -59,6 +60,23 @@ def studio(tmp_path_factory):
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def wait_for_status(page, *words: str, stall: float = TIMEOUT_MS / 1000) -> list[str]:
+    """Wait until the Train tab's status mentions one of `words`, following progress: it fails only when the
+    status stops changing for `stall` seconds, however long the whole run takes on a loaded machine.
+    Returns every status text seen, in order."""
+    status = page.locator("#train-status")
+    seen = [status.inner_text()]
+    since = time.monotonic()
+    while not any(w in seen[-1] for w in words):
+        time.sleep(0.3)
+        text = status.inner_text()
+        if text != seen[-1]:
+            seen.append(text)
+            since = time.monotonic()
+        assert time.monotonic() - since < stall, f"the status stopped changing at: {seen[-1]}"
+    return seen
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:
@@ -145,14 +163,24 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     status = page.locator("#train-status")
     status.get_by_text("Training", exact=False).or_(status.get_by_text("Finished", exact=False)).wait_for()
     page.locator("#samples img").first.wait_for()
-    status.get_by_text("Finished", exact=False).wait_for(timeout=4 * TIMEOUT_MS)
+    seen = wait_for_status(page, "Finished")
+    # once it trains, it never reads "Starting" again (it did for ~3 s while the trainer process exited)
+    assert not any("Starting" in text for text in seen), seen
     page.get_by_text("Advanced: every setting").click()
     shot(page, "3-train-finished")
 
-    # Publish to the fake Hub with a typed token: the page shows the repo, never the token.
+    # Publish where the token cannot write: the message shows whole, "<name>" included (it was swallowed as HTML).
     open_tab(page, "5 · Publish")
-    page.locator("#publish-repo input, #publish-repo textarea").first.fill("stripes")
     page.locator("#publish-token input").fill(WRITE_TOKEN)
+    page.locator("#publish-repo input, #publish-repo textarea").first.fill("bob/stripes")
+    page.locator("#publish-button").click()
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="cannot write")
+    toast.wait_for()
+    assert "Push to 'alice/<name>' instead" in toast.inner_text()
+    toast.locator("[data-testid=toast-close]").click()
+
+    # Publish to the fake Hub with a typed token: the page shows the repo, never the token.
+    page.locator("#publish-repo input, #publish-repo textarea").first.fill("stripes")
     page.locator("#publish-button").click()
     page.locator("#publish-result").get_by_text("Published").wait_for()
     assert "alice/stripes" in page.locator("#publish-result").inner_text()
@@ -160,6 +188,144 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     shot(page, "5-publish")
     assert WRITE_TOKEN not in page.content()
     assert WRITE_TOKEN not in page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+
+
+def fresh_session(page, url: str) -> None:
+    """This browser's pages share one localStorage, hence one session: forget it, so the page starts a new one."""
+    page.goto(url)
+    page.evaluate("localStorage.clear()")
+    page.reload()
+
+
+SLIDER_FITS = """id => {
+  const block = document.getElementById(id), range = block.querySelector('input[type=range]');
+  return block.scrollWidth <= block.clientWidth && range.getBoundingClientRect().right <= block.getBoundingClientRect().right;
+}"""
+
+
+def test_on_generate_sliders_fit_a_non_lora_file_is_refused_and_a_pick_survives_a_slow_refresh(browser, studio, tmp_path):
+    from safetensors.numpy import save_file
+
+    url, workspace, _ = studio
+    (tmp_path / "renamed.safetensors").write_bytes(b"a text file with the wrong name")
+    save_file({"down_blocks.0.resnets.0.conv1.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "unet.safetensors"))
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "mine.safetensors"))
+    page = browser.new_page()
+    fresh_session(page, url)
+    open_tab(page, "4 · Generate")
+
+    # Each Strength slider is whole inside its column (the track and its max were cut off).
+    for i in (1, 2, 3):
+        page.locator(f"#strength-{i} input[type=range]").wait_for()
+        assert page.evaluate(SLIDER_FITS, f"strength-{i}"), f"strength-{i} is clipped"
+
+    # A file that is not a LoRA: a note says so, nothing is pinned over the pickers, the box is emptied.
+    page.get_by_text("Add a LoRA file or one from the Hub").click()
+    upload = page.locator("#lora-upload input[type=file]")
+    note = page.locator("#lora-note")
+    for name, reason in (("renamed.safetensors", "not a readable"), ("unet.safetensors", "not a LoRA")):
+        upload.set_input_files(str(tmp_path / name))
+        note.get_by_text(reason, exact=False).wait_for()
+        assert "Not added" in note.inner_text()
+        assert page.locator("span.error:not(.toast-title)").count() == 0  # gradio's red "Error" badges
+        assert page.locator("#lora-upload").get_by_text(name).count() == 0
+    shot(page, "4-generate-refused")
+
+    upload.set_input_files(str(tmp_path / "mine.safetensors"))
+    note.get_by_text("Added mine.safetensors").wait_for()
+
+    # Opening a list asks the server for fresh choices. On a busy server the answer comes after the pick; it must
+    # not undo the pick. LoRA 3 holds a file that then vanishes, so the late answer visibly resets LoRA 3 (and
+    # only LoRA 3): that is how this test knows the answer has arrived.
+    loras = next(workspace.rglob("loras/mine.safetensors")).parent
+    shutil.copy(loras / "mine.safetensors", loras / "theirs.safetensors")
+    page.locator("#lora-3 input").click()
+    page.locator("#lora-3").get_by_role("option", name="theirs.safetensors · file").click()
+    (loras / "theirs.safetensors").unlink()
+    held = []
+    page.route("**/queue/join*", lambda route: held.append(route))
+    with page.expect_request("**/queue/join*"):
+        page.locator("#lora-2 input").click()
+    page.locator("#lora-2").get_by_role("option", name="mine.safetensors · file").click()
+    assert page.locator("#lora-2 input").input_value() == "mine.safetensors · file"
+    page.evaluate("1")  # let the route handler run
+    assert held, "the list refresh was not requested"
+    for route in held:
+        route.continue_()
+    page.unroute("**/queue/join*")
+    page.wait_for_function("() => document.querySelector('#lora-3 input').value === 'none'")  # the answer is in
+    assert page.locator("#lora-2 input").input_value() == "mine.safetensors · file"
+    page.close()
+
+
+def test_a_new_run_starts_from_the_preset_with_a_fresh_name_and_runs_read_apart(browser, studio, tmp_path, monkeypatch):
+    url, _, _ = studio
+    monkeypatch.setattr(system, "blip_loadable", lambda model: False)  # as on a machine without the BLIP weights
+    page = browser.new_page()
+    fresh_session(page, url)
+    images = make_images(tmp_path / "photos", 2)
+    page.locator("#upload-files input[type=file]").set_input_files(sorted(str(p) for p in images.iterdir()))
+    page.locator("#upload-report").get_by_text("2 images added").wait_for()
+
+    # Captions written without BLIP; a preset picked afterwards leaves that choice alone (it switched to BLIP).
+    open_tab(page, "2 · Captions")
+    page.get_by_label("Caption style").click()
+    page.get_by_role("option", name="Trigger only", exact=False).click()
+    open_tab(page, "3 · Train")
+    page.get_by_label("Character").check()
+    page.get_by_text("cannot load on this machine", exact=False).wait_for()
+    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '1500'")
+    open_tab(page, "2 · Captions")
+    assert "Trigger only" in page.get_by_label("Caption style").input_value()
+
+    # This run's own choices: a name, DoRA. A new run starts from the preset shown (Character) and its own name.
+    open_tab(page, "3 · Train")
+    page.locator("#cfg-output-name input, #cfg-output-name textarea").first.fill("stripes")
+    page.get_by_text("Advanced: every setting").click()
+    page.locator("#cfg-lora-use_dora input").check()
+    page.get_by_role("button", name="New run").click()
+    page.wait_for_function("() => document.querySelector('#cfg-output-name input, #cfg-output-name textarea')?.value === 'my-lora'")
+    assert not page.locator("#cfg-lora-use_dora input").is_checked()
+    assert page.locator("#cfg-optim-steps input").input_value() == "1500"
+    assert page.get_by_label("Character").is_checked()
+
+    # Runs made within the same minute read apart in the picker.
+    page.get_by_role("button", name="New run").click()
+    page.get_by_text("New run created", exact=False).last.wait_for()
+    page.locator("#run-picker input").click()
+    options = page.get_by_role("option")
+    wait_until(lambda: options.count() == 3, 60)
+    labels = options.all_inner_texts()
+    assert len(set(labels)) == 3, labels
+    shot(page, "0-run-picker")
+    page.close()
+
+
+def test_a_page_open_across_a_server_restart_takes_its_runs_back(browser, tmp_path):
+    from test_app import _free_port
+
+    port = _free_port()
+    with FakeHub() as hub:
+        mp = pytest.MonkeyPatch()
+        try:
+            demo, url = serve(mp, tmp_path / "workspace", hub.url, tmp_path / "hf", port=port)
+            page = browser.new_page()
+            fresh_session(page, url)
+            images = make_images(tmp_path / "photos", 2)
+            page.locator("#upload-files input[type=file]").set_input_files(sorted(str(p) for p in images.iterdir()))
+            page.locator("#upload-report").get_by_text("2 images added").wait_for()
+
+            demo.close()  # the server restarts: this page's server-side session is gone
+            with page.expect_event("load"):  # the page notices and reloads itself
+                demo, _ = serve(mp, tmp_path / "workspace", hub.url, tmp_path / "hf", port=port)
+            open_tab(page, "3 · Train")
+            page.locator("#check-run").click()
+            page.get_by_text("Check passed").wait_for()  # its run and images are back
+            page.close()
+        finally:
+            demo.close()
+            mp.undo()
+            system.has_gpu.cache_clear()
 
 
 def test_screenshots_are_real_images():

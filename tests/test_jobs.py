@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lora_trainer.ui import jobs
-from lora_trainer.ui.monitor import RunMonitor, console_tail, run_status
+from lora_trainer.ui.monitor import RunMonitor, Status, console_tail, run_status
 
 FAKE_TRAINER = r'''
 import json, signal, sys, time
@@ -28,6 +28,8 @@ def emit(event_type, **fields):
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 print("fake trainer says hello", flush=True)
+while mode == "hold" and not (run / "release").exists():  # a trainer still loading its model
+    time.sleep(0.02)
 if mode == "crash":
     print("Traceback (most recent call last):\nMemoryError: the fake trainer ran out", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -43,6 +45,8 @@ for step in range(1, 51):
         emit("stopped", step=step, checkpoint=f"checkpoints/step-{step:06d}")
         sys.exit(0)
 emit("finished", step=50, final="final", files=[])
+while mode == "linger" and not (run / "release").exists():  # a trainer still closing after its last event
+    time.sleep(0.02)
 '''
 
 
@@ -109,6 +113,41 @@ def test_a_second_job_waits_in_line_and_starts_when_the_first_ends(manager, tmp_
     first_end = json.loads((first / "events.jsonl").read_text().splitlines()[-1])["time"]
     second_start = json.loads((second / "events.jsonl").read_text().splitlines()[0])["time"]
     assert second_start >= first_end
+
+
+def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path):
+    from lora_trainer.ui.tabs.train import status_markdown
+
+    run = make_run(tmp_path, "a", mode="linger")
+    manager.submit(run)
+    monitor = RunMonitor(run)
+    wait_for(lambda: monitor.update() is not None and monitor.terminal)  # the `finished` event is written ...
+    assert manager.get(run).state == jobs.RUNNING  # ... and the process has not exited yet
+    status = run_status(monitor, manager)
+    assert (status.state, status.exiting, status.active) == ("finished", True, True)  # the page keeps polling
+    assert "Finished: step 50 / 50" in status_markdown(monitor, status)
+    (run / "release").touch()
+    manager.wait(run, timeout=60)
+    assert run_status(monitor, manager) == Status("finished")
+
+
+def test_a_resumed_run_reads_starting_until_its_new_attempt_starts(manager, tmp_path):
+    from lora_trainer.ui.tabs.train import status_markdown
+
+    run = make_run(tmp_path, "a")
+    old = {"type": "stopped", "step": 7, "time": time.time() - 60}  # the previous attempt's end
+    (run / "events.jsonl").write_text(json.dumps({"type": "started", "step": 0, "time": old["time"] - 5}) + "\n"
+                                      + json.dumps(old) + "\n")
+    (run / "mode").write_text("hold")  # writes nothing until released
+    manager.submit(run)
+    monitor = RunMonitor(run)
+    monitor.update()
+    status = run_status(monitor, manager)
+    assert status.state == "running" and "Starting" in status_markdown(monitor, status)
+    (run / "release").touch()
+    manager.wait(run, timeout=60)
+    monitor.update()
+    assert run_status(monitor, manager) == Status("finished")
 
 
 def test_submitting_an_active_run_again_returns_the_same_job(manager, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from .header import build_header, wire_header
-from .tabs import captions, generate, publish, train, upload
+from .tabs import captions, generate, publish, rate, train, upload
 
 CSS = """
 .notice { background: var(--color-accent-soft); border-radius: 8px; padding: 4px 12px; }
@@ -24,11 +24,30 @@ CSS = """
 .caption-note, .caption-note p { font-size: 0.82em !important; color: var(--body-text-color-subdued); margin: 0; }
 .train-status p { font-size: 1.05em; }
 /* small images (thumbnails, the tiny model's 64 px) fill their frame instead of sitting in a corner of it */
-#gen-off img, #gen-on img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
+#gen-off img, #gen-on img, #rate-left img, #rate-right img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
 .report ul { margin-top: 0; }
 .pager { align-items: center; }
 .pager button { align-self: center; }
 footer { display: none !important; }
+"""
+
+# A restarted server has none of this page's server-side state (its session, hence its runs): every click would act
+# on an empty session while the page still shows the old one. gradio answers /gradio_api/app_id with an id that is
+# new at each start; when it changes, reload, and the page load takes the session back (header.restore_session).
+RESTART_WATCH_JS = """
+() => {
+  const root = (window.gradio_config && window.gradio_config.root) || window.location.origin;
+  let known = window.gradio_config && window.gradio_config.app_id;
+  setInterval(async () => {
+    try {
+      const answer = await fetch(root.replace(/\\/$/, "") + "/gradio_api/app_id", {cache: "no-store"});
+      if (!answer.ok) return;
+      const id = (await answer.json()).app_id;
+      if (known === undefined || known === null) known = id;
+      else if (id !== known) window.location.reload();
+    } catch (e) { /* the server is down: try again */ }
+  }, 3000);
+}
 """
 
 
@@ -41,6 +60,7 @@ def build_app() -> gr.Blocks:
             train.build(shared)
             generate.build(shared)
             publish.build(shared)
+            rate.build(shared)
         gr.Markdown("Your runs stay on this server and only this browser can see them; reloading the page keeps them.",
                     elem_classes=["caption-note"])
         wire_header(demo, shared)
@@ -55,6 +75,7 @@ def launch_options(**overrides: Any) -> dict[str, Any]:
         "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
         "max_file_size": os.environ.get("LORA_STUDIO_MAX_UPLOAD", "2gb"),
         "css": CSS,
+        "js": RESTART_WATCH_JS,
         "theme": gr.themes.Soft(primary_hue="orange", secondary_hue="slate"),
         "ssr_mode": False,  # no Node server: one process, faster start
         "footer_links": ["api"],

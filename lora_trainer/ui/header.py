@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
+import tomllib
 from pathlib import Path
 
 import gradio as gr
 
+from ..config import CONFIG_FILENAME
 from ..events import EVENTS_FILENAME, last_event
 from . import system
-from .common import Shared, user_errors
+from .common import Shared, info, user_errors
 from .jobs import MANAGER
 from .workspace import DATASET, Session, root
 
@@ -37,15 +38,9 @@ def browser_secret() -> str:
 
 
 def run_label(run_dir: Path) -> str:
-    """'12 Mar 14:03 · my-lora · 24 images · finished' for the run picker."""
+    """'12 Mar 14:03:27 · my-lora · 24 images · finished' for the run picker (the name once the run has settings)."""
     stamp = time.strptime(run_dir.name[:15], "%Y%m%d-%H%M%S")
-    parts = [time.strftime("%d %b %H:%M", stamp)]
-    info = run_dir / "final" / "lora_info.json"
-    if info.exists():
-        try:
-            parts.append(json.loads(info.read_text()).get("name", ""))
-        except (OSError, ValueError):
-            pass
+    parts = [time.strftime("%d %b %H:%M:%S", stamp), _run_name(run_dir)]
     dataset = run_dir / DATASET
     count = sum(1 for p in dataset.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}) if dataset.is_dir() else 0
     parts.append(f"{count} images")
@@ -59,10 +54,36 @@ def run_label(run_dir: Path) -> str:
     return " · ".join(p for p in parts if p)
 
 
+def _run_name(run_dir: Path) -> str:
+    """The LoRA name the run trains (its saved settings), or '' before it has any."""
+    try:
+        return tomllib.loads((run_dir / CONFIG_FILENAME).read_text()).get("output", {}).get("name", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def run_choices(session: Session) -> list[tuple[str, str]]:
+    """(label, run id), newest first; labels that still read the same (same second, same name) get the id's tail."""
+    runs = session.runs()
+    labels = [run_label(session.dir / r) for r in runs]
+    return [(f"{label} · #{r[-4:]}" if labels.count(label) > 1 else label, r) for label, r in zip(labels, runs, strict=True)]
+
+
 def run_picker(session: Session) -> dict:
     current = session.current()
-    choices = [(run_label(session.dir / r), r) for r in session.runs()]
+    choices = run_choices(session)
+    session.cache["run_choices"] = choices
     return gr.update(choices=choices, value=current.name if current else None)
+
+
+def refresh_run_choices(session: Session) -> dict:
+    """Opening the picker: new choices if they changed, never the value (an answer that arrives after the person
+    picked must not undo the pick), nothing at all if unchanged (an open list is not redrawn under the pointer)."""
+    choices = run_choices(session)
+    if session.cache.get("run_choices") == choices:
+        return gr.skip()
+    session.cache["run_choices"] = choices
+    return gr.update(choices=choices)
 
 
 def build_header() -> Shared:
@@ -76,11 +97,12 @@ def build_header() -> Shared:
     session = gr.State(Session())
     with gr.Row(equal_height=True):
         base = gr.Dropdown(
-            system.BASE_CHOICES, value=system.default_base(), allow_custom_value=True, scale=3,
-            label="Base model", info="A Hub id, a local diffusers folder or .safetensors file, or a built-in tiny model. "
+            system.base_choices(), value=system.default_base(), allow_custom_value=True, scale=3,
+            label="Base model", info="A Hub id, a local diffusers folder or .safetensors file, or a built-in model. "
             "Used by Train and Generate.",
         )
-        run = gr.Dropdown([], value=None, label="Run", scale=3, info="Each run keeps its own images, captions and results.")
+        run = gr.Dropdown([], value=None, label="Run", scale=3, info="Each run keeps its own images, captions and results.",
+                          elem_id="run-picker")
         with gr.Column(scale=1, min_width=180):
             keep = gr.Checkbox(True, label="Copy images & captions")
             new = gr.Button("New run", size="sm")
@@ -93,11 +115,13 @@ def wire_header(demo: gr.Blocks, shared: Shared) -> None:
     shared.then_refresh(
         shared.run.input(select_run, [shared.session, shared.run], [shared.run], api_name="select_run")
     )
-    shared.then_refresh(
-        shared.new_run_button.click(new_run, [shared.session, shared.keep_dataset], [shared.run], api_name="new_run")
-    )
+    shared.new_run_event = shared.new_run_button.click(new_run, [shared.session, shared.keep_dataset], [shared.run],
+                                                       api_name="new_run")
+    shared.then_refresh(shared.new_run_event)
     # Opening the picker refreshes it (another tab may have made a run); also the list_runs API endpoint.
-    shared.run.focus(run_picker, [shared.session], [shared.run], api_name="list_runs", show_progress="hidden")
+    shared.run.focus(refresh_run_choices, [shared.session], [shared.run], api_visibility="private", show_progress="hidden")
+    list_runs = gr.Button(visible=False)  # the list_runs API endpoint: the picker as the server sees it
+    list_runs.click(run_picker, [shared.session], [shared.run], api_name="list_runs")
 
 
 def restore_session(stored: object, session: Session) -> tuple[str, dict]:
@@ -118,5 +142,5 @@ def new_run(session: Session, keep_dataset: bool) -> dict:
     current = session.current()
     has_images = current is not None and any((current / DATASET).iterdir())
     session.new_run(copy_dataset_from=current.name if keep_dataset and has_images else None)
-    gr.Info("New run created" + (" with the same images and captions." if keep_dataset and has_images else "."))
+    info("New run created" + (" with the same images and captions." if keep_dataset and has_images else "."))
     return run_picker(session)

@@ -8,7 +8,7 @@ offset)`), so a browser polling every second costs a file stat and a few lines. 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,11 @@ class Status:
     queue_position: int | None = None
     error: str = ""
     hint: str = ""
+    exiting: bool = False  # the trainer reported how it ended and its process is still closing
 
     @property
     def active(self) -> bool:
-        return self.state in ("queued", "running", "stopping")
+        return self.state in ("queued", "running", "stopping") or self.exiting
 
 
 def run_status(monitor: RunMonitor, manager: jobs.JobManager) -> Status:
@@ -104,13 +105,15 @@ def run_status(monitor: RunMonitor, manager: jobs.JobManager) -> Status:
     job = manager.get(monitor.run_dir)
     if job is not None and job.state == jobs.QUEUED:
         return Status("queued", queue_position=manager.position(monitor.run_dir))
-    if job is not None and job.state == jobs.RUNNING:
-        return Status("stopping" if job.stop_requested else "running")
     terminal = monitor.terminal
-    if terminal is not None and terminal["type"] == "failed":
-        return Status("failed", error=str(terminal.get("error", "")), hint=str(terminal.get("hint", "")))
+    if job is not None and job.state == jobs.RUNNING:
+        # A terminal event older than this job is the previous attempt's (a resumed run, still loading); a newer
+        # one is how this attempt ended, while its process finishes (uploads, closing files): show that end.
+        if terminal is None or float(terminal.get("time", 0)) < job.submitted:
+            return Status("stopping" if job.stop_requested else "running")
+        return replace(_ended(terminal), exiting=True)
     if terminal is not None:
-        return Status(terminal["type"])
+        return _ended(terminal)
     if job is not None and job.state == jobs.ENDED and job.returncode not in (0, None):
         # Died without a `failed` event (killed, out of memory, an import error): show its last words.
         return Status("failed", error=f"the trainer exited with status {job.returncode} before reporting why",
@@ -118,6 +121,12 @@ def run_status(monitor: RunMonitor, manager: jobs.JobManager) -> Status:
     if monitor.started is not None:
         return Status("interrupted")
     return Status("new")
+
+
+def _ended(terminal: dict[str, Any]) -> Status:
+    if terminal["type"] == "failed":
+        return Status("failed", error=str(terminal.get("error", "")), hint=str(terminal.get("hint", "")))
+    return Status(terminal["type"])
 
 
 def console_tail(run_dir: Path, lines: int = 25) -> str:

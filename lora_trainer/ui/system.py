@@ -7,23 +7,25 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
 
 from ..models import guess_kind
 from ..preflight import gpu_present
 from ..tiny import TINY_BUCKET_STEP, TINY_RESOLUTION  # noqa: F401 - the UI's names for them
-from ..tiny import TINY_MODELS as TINY_BASES
 
 TINY_SD = "builtin:tiny-sd"
 TINY_SDXL = "builtin:tiny-sdxl"
+TOY = "builtin:toy"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
-BASE_CHOICES = [
-    ("Stable Diffusion 1.5", SD15),
-    ("SDXL base 1.0", SDXL),
-    ("Tiny SD (built in, for trying things on a CPU)", TINY_SD),
-    ("Tiny SDXL (built in, for trying things on a CPU)", TINY_SDXL),
-]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # lora_trainer/
+TOY_BASE_INDEX = PACKAGE_ROOT / "toyworld" / "base" / "model_index.json"  # the toy world's committed base model
+EXAMPLE_DATASET = PACKAGE_ROOT.parent / "examples" / "toy-style"  # images + .txt captions in the toy world's style
+
+# (resolution, bucket step) each built-in base trains at: the toy base draws 32 px scenes, its VAE halves and its
+# UNet downsamples 4x, so buckets step by 8 px.
+BUILTIN_SIZES = {TINY_SD: (TINY_RESOLUTION, TINY_BUCKET_STEP), TINY_SDXL: (TINY_RESOLUTION, TINY_BUCKET_STEP), TOY: (32, 8)}
 
 
 @cache
@@ -47,12 +49,58 @@ def hub_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
+def toy_available() -> bool:
+    return TOY_BASE_INDEX.is_file()
+
+
+def base_choices() -> list[tuple[str, str]]:
+    """The base model picker's list: real models first, then the built-in ones this install has."""
+    choices = [("Stable Diffusion 1.5", SD15), ("SDXL base 1.0", SDXL)]
+    if toy_available():
+        choices.append(("Toy world (built in: learns small drawn scenes on a CPU)", TOY))
+    return choices + [("Tiny SD (built in, random weights: plumbing only)", TINY_SD),
+                      ("Tiny SDXL (built in, random weights: plumbing only)", TINY_SDXL)]
+
+
 def default_base() -> str:
-    return SD15 if has_gpu() else TINY_SD
+    """The base the page starts with: SD 1.5 on a GPU; without one the toy world's base (it can learn on a CPU),
+    else the tiny random model."""
+    if has_gpu():
+        return SD15
+    return TOY if toy_available() else TINY_SD
 
 
-def is_tiny(base: str) -> bool:
-    return (base or "").strip() in TINY_BASES
+def is_builtin(base: str) -> bool:
+    return (base or "").strip() in BUILTIN_SIZES
+
+
+def builtin_size(base: str) -> tuple[int, int] | None:
+    """(resolution, bucket step) a built-in base trains at; None for any other base."""
+    return BUILTIN_SIZES.get((base or "").strip())
+
+
+def example_dataset() -> Path | None:
+    """The bundled example images, if this install has them."""
+    return EXAMPLE_DATASET if EXAMPLE_DATASET.is_dir() else None
+
+
+@cache
+def blip_loadable(model: str) -> bool:
+    """Whether the BLIP captioner `model` can load here: cached, or the Hub is reachable (asked once per process)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(model).expanduser().is_dir() or isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    from ..errors import LoraStudioError
+    from ..models import ensure_downloadable
+
+    try:
+        ensure_downloadable(model, "config.json", "The captioning model")
+    except LoraStudioError:
+        return False
+    return True
 
 
 def base_family(base: str) -> str:
@@ -67,9 +115,13 @@ def hardware_notice() -> str:
     if space_id():
         return (
             "**This Space has no GPU, so it cannot train real models.** Duplicate it and choose a GPU in its "
-            "settings to train SD 1.5 or SDXL LoRAs; here you can try every step with the built-in tiny model."
+            f"settings to train SD 1.5 or SDXL LoRAs; here you can try every step with {_builtin_phrase()}."
         )
     return (
-        "**No GPU found on this machine.** The built-in tiny model is selected so you can try every step; "
+        f"**No GPU found on this machine.** {_builtin_phrase()[0].upper()}{_builtin_phrase()[1:]} is selected so you can try every step; "
         "real models (SD 1.5, SDXL) need an NVIDIA GPU."
     )
+
+
+def _builtin_phrase() -> str:
+    return "the built-in toy world model" if toy_available() else "the built-in tiny model"

@@ -53,6 +53,13 @@ class Session:
         self.cache: dict = {}  # per-session UI memory (event monitors, last rendered state); never paths from the page
 
     # -- identity ------------------------------------------------------------------------------
+    def no_run(self, message: str) -> str:
+        """`message`, plus what to do if this page outlived a server restart (its session is then empty, with no
+        token, while the page still shows the old one; the page reloads itself within seconds)."""
+        if self.token is None:
+            return message + " If the server restarted while this page was open, reload the page: your runs are kept."
+        return message
+
     def ensure(self) -> str:
         if self.token is None:
             self.token = secrets.token_urlsafe(32)
@@ -94,7 +101,7 @@ class Session:
         """The folder of `run_id` (default: the current run) in this session; WorkspaceError if there is none."""
         run_id = run_id or self.current_run
         if not run_id:
-            raise WorkspaceError("No run yet: upload some images first (Upload tab).")
+            raise WorkspaceError(self.no_run("No run yet: upload some images first (Upload tab)."))
         if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id) or not (self.dir / run_id).is_dir():
             raise WorkspaceError(f"This session has no run '{str(run_id)[:40]}'. Pick one of your runs from the list.")
         return self.dir / run_id

@@ -13,7 +13,7 @@ import gradio as gr
 from ... import config as config_mod
 from ...errors import LoraStudioError
 from .. import system
-from ..common import Shared, md_escape, user_errors
+from ..common import Shared, md_escape, skip_all, user_errors, warning
 from ..workspace import Session, WorkspaceError
 
 SLOTS = 3
@@ -33,17 +33,20 @@ def build(shared: Shared) -> None:
                     steps = gr.Number(25, precision=0, minimum=1, maximum=150, label="Steps", min_width=90, elem_id="gen-steps")
                     guidance = gr.Number(7.0, minimum=0, maximum=30, step=0.5, label="Guidance", min_width=90)
                 for i in range(1, SLOTS + 1):
+                    # The slider needs ~220 px for its number box, reset button and track; given less it is cut off.
                     with gr.Row(equal_height=True):
-                        slots[f"lora_{i}"] = gr.Dropdown([("none", NONE)], value=NONE, label=f"LoRA {i}", scale=3, elem_id=f"lora-{i}")
-                        slots[f"strength_{i}"] = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Strength", scale=1,
-                                                           min_width=110)
+                        slots[f"lora_{i}"] = gr.Dropdown([("none", NONE)], value=NONE, label=f"LoRA {i}", scale=3,
+                                                         min_width=200, elem_id=f"lora-{i}")
+                        slots[f"strength_{i}"] = gr.Slider(-1.0, 2.0, value=1.0, step=0.05, label="Strength", scale=2,
+                                                           min_width=220, elem_id=f"strength-{i}")
                 generate_btn = gr.Button("Generate: LoRA off and on, same seed", variant="primary", elem_id="generate-button")
                 with gr.Accordion("Add a LoRA file or one from the Hub", open=False):
-                    upload = gr.File(label="LoRA .safetensors (diffusers or kohya format)", file_types=[".safetensors"], height=100)
+                    upload = gr.File(label="LoRA .safetensors (diffusers or kohya format)", file_types=[".safetensors"], height=130,
+                                     elem_id="lora-upload")
                     with gr.Row(equal_height=True):
                         repo = gr.Textbox(label="Load from the Hub", placeholder="user/repo", scale=3)
                         hub_btn = gr.Button("Load", scale=1)
-                    lora_note = gr.Markdown()
+                    lora_note = gr.Markdown(elem_id="lora-note")
             with gr.Column(scale=3):
                 with gr.Row():
                     off = gr.Image(label="LoRA off", type="pil", format="png", interactive=False, height=360, elem_id="gen-off")
@@ -81,7 +84,7 @@ def lora_choices(session: Session) -> list[tuple[str, str]]:
     choices = [("none", NONE)]
     for run_id in session.runs():
         run = session.dir / run_id
-        when = time.strftime("%d %b %H:%M", time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
+        when = time.strftime("%d %b %H:%M:%S", time.strptime(run_id[:15], "%Y%m%d-%H%M%S"))
         if (run / "final").is_dir():
             choices.append((f"{_lora_name(run / 'final')} · {when}", f"run:{run_id}"))
         elif (checkpoint := latest_checkpoint(run)) is not None:
@@ -119,10 +122,19 @@ def lora_path(session: Session, value: str) -> Path:
     raise WorkspaceError(f"Unknown LoRA '{str(value)[:60]}'; pick one from the list.")
 
 
-def refresh_pickers(session: Session, *current: str) -> list[dict]:
+def refresh_pickers(session: Session, *current: str) -> list:
+    """New choices for the pickers, only where the list changed.
+
+    A picker's value is never sent back unless its LoRA is gone: this runs when a list opens, and its answer can
+    arrive after the person picked (on a busy server), where echoing the value it read would undo the pick.
+    An unchanged list is not sent at all, so an open list does not redraw under the pointer.
+    """
     choices = lora_choices(session)
+    if session.cache.get("lora_choices") == choices:
+        return [gr.skip() for _ in current]
+    session.cache["lora_choices"] = choices
     values = {v for _, v in choices}
-    return [gr.update(choices=choices, value=c if c in values else NONE) for c in current]
+    return [gr.update(choices=choices) if c in values else gr.update(choices=choices, value=NONE) for c in current]
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -154,40 +166,49 @@ def _generator(base: str, progress):
     base = (base or "").strip()
     if not base:
         raise gr.Error("Pick a base model at the top of the page.")
-    if not system.is_tiny(base) and not system.has_gpu():
-        gr.Warning("No GPU here: a real model runs on the CPU, which takes minutes per image.")
+    if not system.is_builtin(base) and not system.has_gpu():
+        warning("No GPU here: a real model runs on the CPU, which takes minutes per image.")
     progress(0.1, desc=f"Loading {base} (the first time takes a while)…")
     return Generator(base)
 
 
 @user_errors
 def add_lora_file(session: Session, file: str | None) -> tuple:
+    """A LoRA file into this session's lists. A file that is not one is refused in the note under the box (not as an
+    error, which gradio would pin over every output, pickers included) and cleared from the box."""
     if not file:
-        raise gr.Error("No file arrived; choose a .safetensors LoRA file.")
+        return "No file arrived; choose a .safetensors LoRA file.", None, *skip_all(SLOTS)
     path = Path(file)
-    if path.suffix.lower() != ".safetensors":
-        raise gr.Error(f"{path.name} is not a .safetensors file; LoRAs are loaded from .safetensors only.")
-    _check_safetensors(path)
+    try:
+        check_lora_file(path)
+    except LoraStudioError as e:
+        return f"⚠️ **Not added.** {md_escape(e)}", None, *skip_all(SLOTS)
     name = session.add_lora(path, path.name)
     return (f"Added {md_escape(name)}: pick it in a LoRA list.", None, *_pickers_with(session, f"file:{name}"))
 
 
-def _check_safetensors(path: Path) -> None:
+def check_lora_file(path: Path) -> None:
+    """LoraStudioError unless `path` is a readable .safetensors file holding LoRA weights (diffusers/peft
+    `lora_A`/`lora_B`, kohya `lora_down`/`lora_up`, LyCORIS DoRA): a base model or any other file is refused."""
     from safetensors import safe_open
 
+    if path.suffix.lower() != ".safetensors":
+        raise LoraStudioError(f"{path.name} is not a .safetensors file; LoRAs are loaded from .safetensors only.")
     try:
         with safe_open(str(path), "np") as f:
-            if not any(True for _ in f.keys()):
-                raise LoraStudioError(f"{path.name} holds no tensors; it is not a LoRA.")
-    except LoraStudioError:
-        raise
+            keys = list(f.keys())
     except Exception as e:  # noqa: BLE001 - a damaged or renamed file
         raise LoraStudioError(f"{path.name} is not a readable .safetensors file ({str(e)[:120]}).") from None
+    if not any("lora" in key.lower() for key in keys):
+        what = "holds no tensors" if not keys else f"holds no LoRA weights (its tensors are named like {keys[0]})"
+        raise LoraStudioError(f"{path.name} {what}: it is not a LoRA. Choose the LoRA file a trainer wrote "
+                              "(diffusers or kohya format).")
 
 
 def _pickers_with(session: Session, new_value: str) -> list[dict]:
     """Fresh choices for every picker; the new LoRA goes into the first."""
     choices = lora_choices(session)
+    session.cache["lora_choices"] = choices
     return [gr.update(choices=choices, value=new_value) if i == 0 else gr.update(choices=choices) for i in range(SLOTS)]
 
 
@@ -202,7 +223,11 @@ def load_hub_lora(session: Session, repo_id: str, oauth_token: gr.OAuthToken | N
     if system.space_id() and token is None:
         token = False  # anonymous: on a shared Space the machine's HF_TOKEN is the owner's, never the visitor's
     progress(0.2, desc=f"Downloading from {repo_id}…")
-    path = hub.download_lora(repo_id, token=token, endpoint=system.hub_endpoint())
+    try:
+        path = hub.download_lora(repo_id, token=token, endpoint=system.hub_endpoint())
+        check_lora_file(path)
+    except LoraStudioError as e:  # in the note, not as an error pinned over every picker
+        return (f"⚠️ **Not loaded.** {md_escape(e)}", *skip_all(SLOTS))
     name = session.add_lora(path, f"{repo_id.replace('/', '--')}.safetensors")
     return (f"Loaded {md_escape(repo_id)} as {md_escape(name)}.", *_pickers_with(session, f"file:{name}"))
 
@@ -212,7 +237,7 @@ def checkpoint_grid(session: Session, base: str, prompts: str, strength: float, 
                     progress=gr.Progress()) -> tuple:
     run = session.current()
     if run is None:
-        raise gr.Error("No run yet: upload images and train first.")
+        raise gr.Error(session.no_run("No run yet: upload images and train first."))
     lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
     if not lines:
         try:
@@ -222,5 +247,10 @@ def checkpoint_grid(session: Session, base: str, prompts: str, strength: float, 
     generator = _generator(base, progress)
     progress(0.3, desc="Rendering every checkpoint…")
     image, names = generator.checkpoint_grid(run, lines[:4], strength=float(strength), seed=int(seed or 0), steps=int(steps or 25))
+    from ...eval_report import (
+        label_checkpoint_grid,  # each cell: its step, the evaluation's scores, the pick framed
+    )
+
+    image = label_checkpoint_grid(image, run, names, lines[:4])
     return image, "Rows, top to bottom: " + ", ".join(f"`{n}`" for n in names) + "  \nColumns: " + " | ".join(md_escape(p) for p in lines[:4])
 

@@ -12,7 +12,7 @@ import json
 import gradio as gr
 
 from .. import system
-from ..common import Shared, code, md_escape, user_errors
+from ..common import Shared, code, dora_note, md_escape, user_errors
 from ..workspace import Session
 
 
@@ -66,7 +66,7 @@ def publish(session: Session, repo_id: str, private: bool, token: str,
         raise gr.Error("Type a repository name, e.g. my-lora.")
     run = session.current()
     if run is None:
-        raise gr.Error("No run yet: upload images and train first.")
+        raise gr.Error(session.no_run("No run yet: upload images and train first."))
     chosen = (oauth_token.token if oauth_token else None) or (token or "").strip() or None
     if chosen is None and system.space_id():
         raise gr.Error("Sign in with Hugging Face (or paste a token with write access) to publish from this Space.")
@@ -76,4 +76,6 @@ def publish(session: Session, repo_id: str, private: bool, token: str,
 
     result = hub.push_run(run, repo_id, token=chosen, private=bool(private), endpoint=system.hub_endpoint(), progress=step)
     files = ", ".join(code(f) for f in result.files[:12]) + (" …" if len(result.files) > 12 else "")
-    return f"✅ **Published:** [{md_escape(result.url)}]({result.url})  \n{len(result.files)} files: {files}"
+    note = dora_note(run)
+    return (f"✅ **Published:** [{md_escape(result.url)}]({result.url})  \n{len(result.files)} files: {files}"
+            + (f"\n\n⚠️ {note}" if note else ""))

@@ -9,17 +9,19 @@ from typing import Any
 
 import gradio as gr
 
+from ... import captioning
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
-from .. import fields, jobs, presets, system
-from ..common import Shared, code, md_escape, skip_all, user_errors
+from .. import evaluation, fields, jobs, presets, system
+from ..common import Shared, code, dora_note, info, md_escape, skip_all, user_errors
 from ..header import run_picker
 from ..monitor import RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
-SHARED_FIELDS = {"model.base", "data.trigger"}  # their controls live at the top of the page and on the Captions tab
+SHARED_FIELDS = {"model.base", "data.trigger"}
+BLIP_STYLES = {"sparse", "full"}  # caption styles that run the captioning model (captioning.STYLES)  # their controls live at the top of the page and on the Captions tab
 POLL_SECONDS = 1.0
 STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "⏸️", "finished": "✅", "stopped": "⏸️",
                 "failed": "❌", "interrupted": "⚠️"}
@@ -28,7 +30,7 @@ STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "
 class TrainTab:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        initial = presets.PRESETS[presets.DEFAULT_PRESET].settings(system.default_base())
+        initial = presets.settings(presets.DEFAULT_PRESET, system.default_base())
         self.settings: dict[str, gr.components.Component] = {"model.base": shared.base, "data.trigger": shared.trigger}
         with gr.Tab("3 · Train", id="train"):
             with gr.Row(equal_height=True):
@@ -84,6 +86,7 @@ class TrainTab:
                                      file_count="multiple", interactive=False)
             with gr.Accordion("Console output", open=False):
                 self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True)
+            self.evaluation = evaluation.build(shared)  # table, plot and the recommended checkpoint (ui/evaluation.py)
             # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
             self.timer = gr.Timer(POLL_SECONDS, active=False)
         self.view = [self.status, self.loss, self.samples, self.memory, self.files, self.console, self.timer,
@@ -104,24 +107,61 @@ class TrainTab:
                                [s["data.resolution"], s["data.bucket_step"]], api_visibility="private")
         names = list(s)
         self.shared.on_run_change(lambda session: saved_settings(session, names), [session], [s[n] for n in names])
+        # A new run starts from the preset the page shows, not from the previous run's form.
+        own = [n for n in config_mod.field_names() if n not in SHARED_FIELDS]
+        self.shared.on_new_run(fresh_settings, [session, self.preset, self.shared.base], [s[n] for n in own])
         self.shared.on_run_change(full_view, [session], self.view)
 
 
 def apply_preset(name: str, base: str) -> tuple:
-    """A preset's values into the form (and its caption style into the Captions tab)."""
+    """A preset's values into the form, and its caption style into the Captions tab where that style can run:
+    the BLIP styles need the captioning model, and where it cannot load the style the user has is kept."""
     preset = presets.PRESETS.get(name)
     if preset is None:
         return (presets.describe(name), *skip_all(1 + len(presets.FIELDS)))
-    values = preset.settings(base)
-    return (presets.describe(name), preset.caption_style, *(values[n] for n in presets.FIELDS))
+    values = presets.form_values(name, base)
+    note, style = presets.describe(name), preset.caption_style
+    if style in BLIP_STYLES and not system.blip_loadable(captioning.DEFAULT_CAPTION_MODEL):
+        note += (" The captioning model (BLIP) cannot load on this machine, so the caption style was left as it is: "
+                 "use *Trigger only* or type your captions.")
+        style = gr.skip()
+    return (note, style, *(values[n] for n in presets.FIELDS))
+
+
+def fresh_settings(session: Session, preset_name: str, base: str) -> tuple:
+    """The form of a new run: every setting at its default, then the chosen preset's values, and a LoRA name no
+    other run of this session uses. The base model and the trigger word (the images' captions use it) stay."""
+    names = [n for n in config_mod.field_names() if n not in SHARED_FIELDS]
+    values = {n: fields.from_config(config_mod.TrainConfig(), n) for n in names}
+    preset = presets.PRESETS.get(preset_name)
+    if preset is not None:
+        values.update(presets.form_values(preset_name, base))
+    elif system.is_builtin(base):
+        values["data.resolution"], values["data.bucket_step"] = system.builtin_size(base)
+    values["output.name"] = unused_name(session, str(values["output.name"]))
+    return tuple(values[n] for n in names)
+
+
+def unused_name(session: Session, name: str) -> str:
+    """`name`, or `name-2`, `name-3`... if a run of this session already saved that LoRA name."""
+    taken = set()
+    for run_id in session.runs():
+        try:
+            taken.add(config_mod.load(session.run_dir(run_id)).output.name)
+        except (ConfigError, OSError):
+            continue
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
 
 
 def apply_base(base: str, preset_name: str) -> tuple:
-    """Resolution and bucket step that suit the base model (the tiny ones train at 64 px)."""
-    if system.is_tiny(base):
-        return system.TINY_RESOLUTION, system.TINY_BUCKET_STEP
+    """Resolution and bucket step that suit the base model (a built-in one trains at its own size)."""
+    if system.is_builtin(base):
+        return system.builtin_size(base)
     preset = presets.PRESETS.get(preset_name) or presets.PRESETS[presets.DEFAULT_PRESET]
-    values = preset.settings(base)
+    values = presets.form_values(preset.name, base)
     return values["data.resolution"], values["data.bucket_step"]
 
 
@@ -155,10 +195,11 @@ def build_config(run: Path, settings: dict[str, Any]) -> tuple[config_mod.TrainC
     base = str(settings.get("model.base") or "").strip()
     if not base:
         raise ConfigError("Pick a base model at the top of the page.")
-    if system.is_tiny(base):
-        if (settings.get("data.resolution"), settings.get("data.bucket_step")) != (system.TINY_RESOLUTION, system.TINY_BUCKET_STEP):
-            notes.append(f"the built-in tiny model trains at {system.TINY_RESOLUTION} px (bucket step {system.TINY_BUCKET_STEP})")
-        settings["data.resolution"], settings["data.bucket_step"] = system.TINY_RESOLUTION, system.TINY_BUCKET_STEP
+    size = system.builtin_size(base)
+    if size is not None:
+        if (settings.get("data.resolution"), settings.get("data.bucket_step")) != size:
+            notes.append(f"the built-in model {base} trains at {size[0]} px (bucket step {size[1]})")
+        settings["data.resolution"], settings["data.bucket_step"] = size
     images = Path(str(settings.get("data.images") or DATASET))
     if images.is_absolute() or not (run / images).resolve().is_relative_to(run.resolve()):
         raise ConfigError("data.images must be a folder inside the run (normally 'dataset'); uploaded images live there.")
@@ -170,7 +211,7 @@ def build_config(run: Path, settings: dict[str, Any]) -> tuple[config_mod.TrainC
 def _dataset_ready(session: Session) -> Path:
     run = session.current()
     if run is None or not any(p.is_file() for p in (run / DATASET).rglob("*")):
-        raise gr.Error("This run has no images yet: add some on the Upload tab first.")
+        raise gr.Error(session.no_run("This run has no images yet: add some on the Upload tab first."))
     return run
 
 
@@ -211,13 +252,13 @@ def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, *
             duration=None, print_exception=False,
         )
     cfg, notes = build_config(run, settings)
-    if not system.is_tiny(cfg.model.base) and not system.has_gpu():
+    if not system.is_builtin(cfg.model.base) and not system.has_gpu():
         notes.append("there is no GPU here: a real model trains for days on a CPU (Stop keeps what is done)")
     (run / "events.jsonl").unlink(missing_ok=True)  # a run that failed before its first checkpoint starts clean
     config_mod.save(cfg, run)
     jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
     for note in notes:
-        gr.Info(f"Note: {note}.")
+        info(f"Note: {note}.")
     return full_view(session)
 
 
@@ -228,7 +269,7 @@ def stop_training(session: Session) -> tuple:
     message = {"stopping": "Stopping: the trainer saves a checkpoint after this step; Resume continues from it.",
                "cancelled": "Taken out of the line; nothing was trained.",
                "idle": "Nothing is running in this run."}[outcome]
-    gr.Info(message)
+    info(message)
     return full_view(session)
 
 
@@ -248,7 +289,7 @@ def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) 
 def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken | None = None,
                       progress=gr.Progress()) -> tuple:
     """A new run in this session from the newest checkpoint pushed to `repo_id` (config and images too), training on."""
-    from ... import hub_checkpoints
+    from ...hub import checkpoints as hub_checkpoints
 
     repo_id = (repo_id or "").strip()
     if not repo_id:
@@ -269,7 +310,7 @@ def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken
         session.current_run = previous
         raise
     jobs.MANAGER.submit(run, hub_token=token)
-    gr.Info(f"Fetched {checkpoint.name} from {repo_id}: training continues from there.")
+    info(f"Fetched {checkpoint.name} from {repo_id}: training continues from there.")
     return full_view(session)
 
 
@@ -343,8 +384,10 @@ def status_markdown(monitor: RunMonitor, status: Status) -> str:
         verb = "Stopping (saving a checkpoint after this step)" if status.state == "stopping" else "Training"
         return f"{icon} **{verb}**: " + " · ".join(parts)
     if status.state == "finished":
-        return (f"{icon} **Finished: {progress}.** Download the files below, try the LoRA on the Generate tab, "
+        text = (f"{icon} **Finished: {progress}.** Download the files below, try the LoRA on the Generate tab, "
                 "or publish it.")
+        note = dora_note(monitor.run_dir)
+        return text + (f"\n\n⚠️ {note}" if note else "")
     if status.state == "stopped":
         return f"{icon} **Stopped at {progress}.** A checkpoint is saved: press **Resume** to continue from it."
     if status.state == "interrupted":

@@ -25,6 +25,10 @@ def build(shared: Shared) -> None:
             "and listed below with the reason. Uploading again adds to this run's images."
         )
         files = gr.File(file_count="multiple", label="Images or a zip", height=140, elem_id="upload-files")
+        example = system.example_dataset()
+        with gr.Row(visible=example is not None):
+            use_example = gr.Button("No images at hand? Use the example set (toy world style, with captions)",
+                                    size="sm", variant="secondary", elem_id="use-example")
         report = gr.Markdown(elem_classes=["report"], elem_id="upload-report")
         gallery = gr.Gallery(label="Images in this run", columns=8, height=420, object_fit="cover", allow_preview=True)
         with gr.Row():
@@ -36,6 +40,8 @@ def build(shared: Shared) -> None:
         concurrency_limit=2,
     )
     shared.then_refresh(upload)
+    shared.then_refresh(use_example.click(add_example, [shared.session, shared.base], [report, gallery, files, shared.run],
+                                          api_name="use_example"))
     gallery.select(pick_image, None, [selected], api_visibility="private", show_progress="hidden")
     remove.click(remove_image, [shared.session, selected], [report, gallery, selected], api_name="remove_image")
     shared.on_run_change(refresh, [shared.session], [gallery])
@@ -53,14 +59,28 @@ def gallery_items(session: Session) -> list[tuple[str, str]]:
 def add_files(session: Session, files: list[str] | None, base: str, progress=gr.Progress()) -> tuple:
     if not files:
         raise gr.Error("No files arrived. Drop images or a .zip onto the box, or click it to choose files.")
+    return _ingest(session, [Path(f) for f in files], base, progress)
+
+
+@user_errors
+def add_example(session: Session, base: str, progress=gr.Progress()) -> tuple:
+    """The bundled example images and their captions into the current run, as if uploaded."""
+    example = system.example_dataset()
+    if example is None:
+        raise gr.Error("This installation has no example images; upload your own.")
+    return _ingest(session, sorted(p for p in example.iterdir() if p.is_file()), base, progress)
+
+
+def _ingest(session: Session, sources: list[Path], base: str, progress) -> tuple:
+    """Sources through the intake into the current run: the report, the gallery, an emptied upload box, the picker."""
     dataset = session.dataset_dir(create=True)
-    resolution = system.TINY_RESOLUTION if system.is_tiny(base) else native_resolution(base)
+    resolution = native_resolution(base)  # intake refuses images under half of it (at most 64 px)
 
     def step(done: int, total: int) -> None:
         progress((done, total), desc="Adding images", unit="files")
 
     try:
-        report = intake.ingest([Path(f) for f in files], dataset, resolution=resolution, progress=step)
+        report = intake.ingest(sources, dataset, resolution=resolution, progress=step)
     except DatasetError as e:
         report = getattr(e, "report", None)
         if report is None:

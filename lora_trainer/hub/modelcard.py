@@ -18,12 +18,12 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image, ImageDraw, ImageFont
 
-from . import config as config_mod
-from .errors import LoraStudioError
-from .events import EVENTS_FILENAME, read_events, smooth_losses
-from .formats import DIFFUSERS_FILENAME as DIFFUSERS_WEIGHTS
-from .formats import read_safetensors_metadata
-from .models import guess_kind
+from .. import config as config_mod
+from ..errors import LoraStudioError
+from ..events import EVENTS_FILENAME, read_events, smooth_losses
+from ..formats import DIFFUSERS_FILENAME, INFO_FILENAME, read_safetensors_metadata
+from ..models import guess_kind
+from .client import looks_like_repo_id
 
 LOSS_CURVE = "loss.png"
 LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
@@ -33,7 +33,13 @@ _UNINTERESTING_FIELDS = {
     "data.images", "data.num_workers", "data.cache_latents", "data.cache_text_embeddings",
     "optim.gradient_checkpointing",
 }
-_HUB_ID = config_mod.REPO_ID
+# What A1111 does to a DoRA LoRA (its magnitude is normalised over the other axis of the weight:
+# measured 55 % off on one layer), while ComfyUI applies it closely.
+DORA_WARNING = (
+    "This LoRA uses DoRA. Do not use it in AUTOMATIC1111 or Forge: they apply DoRA's magnitude along the "
+    "wrong axis of the weight (measured 55 % off on one layer), so it will not look as trained. "
+    "ComfyUI and diffusers apply it as trained."
+)
 
 
 class RunNotReadyError(LoraStudioError):
@@ -53,6 +59,7 @@ class RunSummary:
     diffusers_file: Path
     kohya_file: Path | None
     config: config_mod.TrainConfig | None
+    dora: bool = False
     sample_step: int | None = None
     # (path relative to the run folder, prompt) of the newest sampled step: the card's gallery.
     widget_samples: list[tuple[str, str]] = field(default_factory=list)
@@ -69,7 +76,7 @@ def hub_base_model(base: str, run_dir: Path | None = None) -> str | None:
         return None
     if Path(base).expanduser().exists() or (run_dir is not None and (run_dir / base).exists()):
         return None  # user/name-looking, but a local folder
-    return base if _HUB_ID.match(base) else None
+    return base if looks_like_repo_id(base) else None
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
@@ -78,14 +85,14 @@ def read_run(run_dir: str | Path) -> RunSummary:
     final = run_dir / "final"
     if not run_dir.is_dir():
         raise RunNotReadyError(f"There is no run folder at {run_dir}: check the path.")
-    if not (final / DIFFUSERS_WEIGHTS).is_file():
+    if not (final / DIFFUSERS_FILENAME).is_file():
         raise RunNotReadyError(
-            f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_WEIGHTS} is missing). "
+            f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_FILENAME} is missing). "
             "Let training run to the end (or resume it), then publish."
         )
     cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
-    info = _read_json(final / "lora_info.json")
-    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS)
+    info = _read_json(final / INFO_FILENAME)
+    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_FILENAME)
     metadata = read_safetensors_metadata(kohya[0]) if kohya else {}
     events, _ = read_events(run_dir / EVENTS_FILENAME)
 
@@ -99,9 +106,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
         trigger=info.get("trigger") or metadata.get("modelspec.trigger_phrase") or (cfg.data.trigger if cfg else ""),
         name=name,
         steps=_steps(info, metadata, events),
-        diffusers_file=final / DIFFUSERS_WEIGHTS,
+        diffusers_file=final / DIFFUSERS_FILENAME,
         kohya_file=preferred if preferred.is_file() else (kohya[0] if kohya else None),
         config=cfg,
+        dora=bool(info.get("use_dora", cfg.lora.use_dora if cfg else False)),
         events=events,
     )
     summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg)
@@ -193,7 +201,8 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         base_text = f"[{hub_base}](https://huggingface.co/{hub_base})"
         pipe_base = hub_base
     elif run.base.startswith("builtin:"):
-        base_text = f"`{run.base}`, LoRA Studio's tiny built-in test model (it only loads into that model)"
+        what = "toy-world model (32 px drawn scenes)" if run.base == "builtin:toy" else "tiny test model"
+        base_text = f"`{run.base}`, LoRA Studio's built-in {what} (it only loads into that model)"
         pipe_base = "<the base model this LoRA was trained on>"
     else:
         # A local folder or file: name it, but do not publish the full local path.
@@ -216,22 +225,33 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         "from diffusers import AutoPipelineForText2Image",
         "",
         f'pipe = AutoPipelineForText2Image.from_pretrained("{pipe_base}", torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_WEIGHTS}")',
+        f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_FILENAME}")',
         f'image = pipe("{prompt}").images[0]',
         "```",
         "",
     ]
     if run.kohya_file is not None:
         kohya = run.kohya_file.name
-        lines += [
-            "## Use it in AUTOMATIC1111, Forge or ComfyUI",
-            "",
-            f"Download [`{kohya}`](./{kohya}) (kohya format) into `models/Lora` (A1111, Forge) or "
-            f"`models/loras` (ComfyUI), then write `<lora:{Path(kohya).stem}:1>` in the prompt (A1111, Forge) "
-            "or load it with a LoraLoader node (ComfyUI). "
-            f"`{DIFFUSERS_WEIGHTS}` is the same LoRA in the diffusers/peft layout.",
-            "",
-        ]
+        if run.dora:
+            lines += [
+                "## Use it in ComfyUI (not AUTOMATIC1111 or Forge)",
+                "",
+                f"> **{DORA_WARNING}**",
+                "",
+                f"Download [`{kohya}`](./{kohya}) (kohya/LyCORIS format) into `models/loras` and load it with a "
+                f"LoraLoader node. `{DIFFUSERS_FILENAME}` is the same LoRA in the diffusers/peft layout.",
+                "",
+            ]
+        else:
+            lines += [
+                "## Use it in AUTOMATIC1111, Forge or ComfyUI",
+                "",
+                f"Download [`{kohya}`](./{kohya}) (kohya format) into `models/Lora` (A1111, Forge) or "
+                f"`models/loras` (ComfyUI), then write `<lora:{Path(kohya).stem}:1>` in the prompt (A1111, Forge) "
+                "or load it with a LoraLoader node (ComfyUI). "
+                f"`{DIFFUSERS_FILENAME}` is the same LoRA in the diffusers/peft layout.",
+                "",
+            ]
     if run.widget_samples:
         lines += [f"## Samples (step {run.sample_step})", ""]
         lines += [f"![{_md(p)}](./{path})" for path, p in run.widget_samples] + [""]
@@ -240,6 +260,11 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
     lines += ["", "The complete configuration is in [`config.toml`](./config.toml).", ""]
     if has_loss:
         lines += ["## Training loss", "", f"![Training loss]({LOSS_CURVE})", ""]
+    from ..eval_report import evaluation_markdown
+
+    evaluation = evaluation_markdown(run.run_dir, published="final")
+    if evaluation:
+        lines += [evaluation, ""]
     return lines
 
 
