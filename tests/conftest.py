@@ -120,7 +120,6 @@ KNOWN_BROKEN = {
     "tests/test_jobs.py::test_the_loss_plot_has_raw_and_smoothed_series": "validation events in the loss plot",
     "tests/test_hub_jobs.py::test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back": "the end-to-end Jobs run after merging the loop and CLI changes",
     "tests/test_train.py::test_the_lora_changes_pixels_and_strength_zero_restores_the_base": "generation after the merge of fused generation",
-    "tests/test_train.py::test_bf16_reproduces_itself_and_differs_from_fp32": "accelerate state left by an earlier in-process run",
     "tests/test_memory.py::test_the_plan_picks_the_fastest_settings_that_fit": "plan choices changed after the native-resolution merge",
     "tests/test_memory.py::test_a_plan_that_cannot_fit_is_refused_with_the_change_that_would": "plan choices changed after the native-resolution merge",
     "tests/test_memory.py::test_bench_gpu_tiny_prints_the_table_and_the_estimate_holds_on_a_real_cpu_step": "bench/gpu.py --tiny after the merge",

@@ -56,7 +56,9 @@ ROWS: dict[str, tuple] = {
     "optim.gradient_checkpointing": (True, {}, "events"),  # and the same weights: test_train proves it
     "optim.mixed_precision": ("bf16", {}, "weights"),
     "optim.max_grad_norm": (1e-4, {}, "weights"),
-    "optim.min_snr_gamma": (1.0, {}, "weights"),
+    # Min-SNR only weighs down timesteps whose SNR is above gamma: at 1.0 three random timesteps of the tiny
+    # model's schedule (SNR < 1 above t ~ 350) can all be left at weight 1, so try a gamma nearly all exceed.
+    "optim.min_snr_gamma": (0.05, {}, "weights"),
     "optim.noise_offset": (0.5, {}, "weights"),
     "optim.seed": (7, {}, "weights"),
     "sampling.every": (1, {"sampling.every": 3}, "samples"),
@@ -186,11 +188,7 @@ def _uploads(world, cfg, monkeypatch) -> list:
     return pushed
 
 
-KNOWN_QUIET = {"optim.min_snr_gamma": "changed nothing in the saved weights at this size; not yet understood"}
-
-
-@pytest.mark.parametrize("field", [pytest.param(f, marks=pytest.mark.xfail(reason=KNOWN_QUIET[f])) if f in KNOWN_QUIET else f
-                                   for f in ROWS])
+@pytest.mark.parametrize("field", list(ROWS))
 def test_changing_a_field_changes_what_the_run_does(world, field, monkeypatch):
     value, context, what = ROWS[field]
     key = (what, tuple(sorted((k, str(v)) for k, v in context.items())))

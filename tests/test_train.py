@@ -26,7 +26,12 @@ def run_training(tmp_path: Path, name: str = "run", images: Path | None = None, 
     run = tmp_path / name
     cfg = tiny_config(images, **overrides)
     config_mod.save(cfg, run)
-    train(run, cfg)
+    try:
+        train(run, cfg)
+    finally:  # accelerate keeps one state per process: the next run may train with other precision settings
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     return run
 
 

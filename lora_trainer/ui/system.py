@@ -9,23 +9,20 @@ import os
 from functools import cache
 from pathlib import Path
 
-from ..models import guess_kind
+from ..models import BUILTIN_MODELS, TOY_BASE, TOY_BASE_DIR, geometry, guess_kind, resolve
 from ..preflight import gpu_present
-from ..tiny import TINY_BUCKET_STEP, TINY_RESOLUTION  # noqa: F401 - the UI's names for them
+from ..tiny import TINY_BUCKET_STEP, TINY_MODELS, TINY_RESOLUTION
 
 TINY_SD = "builtin:tiny-sd"
 TINY_SDXL = "builtin:tiny-sdxl"
-TOY = "builtin:toy"
+TOY = TOY_BASE
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # lora_trainer/
-TOY_BASE_INDEX = PACKAGE_ROOT / "toyworld" / "base" / "model_index.json"  # the toy world's committed base model
+TOY_BASE_INDEX = TOY_BASE_DIR / "model_index.json"  # the toy world's committed base model
 EXAMPLE_DATASET = PACKAGE_ROOT.parent / "examples" / "toy-style"  # images + .txt captions in the toy world's style
 
-# (resolution, bucket step) each built-in base trains at: the toy base draws 32 px scenes, its VAE halves and its
-# UNet downsamples 4x, so buckets step by 8 px.
-BUILTIN_SIZES = {TINY_SD: (TINY_RESOLUTION, TINY_BUCKET_STEP), TINY_SDXL: (TINY_RESOLUTION, TINY_BUCKET_STEP), TOY: (32, 8)}
 
 
 @cache
@@ -71,12 +68,20 @@ def default_base() -> str:
 
 
 def is_builtin(base: str) -> bool:
-    return (base or "").strip() in BUILTIN_SIZES
+    return (base or "").strip() in BUILTIN_MODELS
 
 
+@cache
 def builtin_size(base: str) -> tuple[int, int] | None:
-    """(resolution, bucket step) a built-in base trains at; None for any other base."""
-    return BUILTIN_SIZES.get((base or "").strip())
+    """(resolution, bucket step) a built-in base trains at, its native geometry (models.geometry reads the toy
+    base's configs; the tiny ones are known without building them); None for any other base."""
+    base = (base or "").strip()
+    if base in TINY_MODELS:
+        return TINY_RESOLUTION, TINY_BUCKET_STEP
+    if base == TOY and TOY_BASE_INDEX.is_file():
+        native = geometry(resolve(base))
+        return native.default_resolution, native.bucket_step
+    return None
 
 
 def example_dataset() -> Path | None:
