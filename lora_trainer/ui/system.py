@@ -71,7 +71,6 @@ def is_builtin(base: str) -> bool:
     return (base or "").strip() in BUILTIN_MODELS
 
 
-@cache
 def builtin_size(base: str) -> tuple[int, int] | None:
     """(resolution, bucket step) a built-in base trains at, its native geometry (models.geometry reads the toy
     base's configs; the tiny ones are known without building them); None for any other base."""
