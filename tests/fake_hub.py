@@ -227,6 +227,9 @@ class _Handler(JobEndpointsMixin, BaseHTTPRequestHandler):
         self.body = self._read_body()
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.hub.requests.append((method, url.path))
+        if self.hub.take_kill(url.path, self.body):
+            self.close_connection = True  # the job that asked is gone: nobody reads an answer
+            return None
         if self.hub.take_hang(url.path):
             self.hub.wait_released()  # the request was accepted (its body read); no answer ever comes
             self.close_connection = True

@@ -114,6 +114,23 @@ class JobsMixin:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def kill_on_request(self, path_contains: str, body_contains: str = "", after: int = 0) -> None:
+        """Kill every running job outright when the request after the next `after` ones whose path and
+        body contain these arrives (it gets no answer): a machine lost at a chosen moment."""
+        self._kill_trigger = [after, path_contains, body_contains.encode()]
+
+    def take_kill(self, path: str, body: bytes) -> bool:
+        trigger = getattr(self, "_kill_trigger", None)
+        if trigger is None or trigger[1] not in path or trigger[2] not in body:
+            return False
+        if trigger[0] > 0:
+            trigger[0] -= 1
+            return False
+        self._kill_trigger = None
+        for job in list(self.jobs.values()):
+            self.kill_job(job.id, message="the machine was lost (fake hub)")
+        return True
+
     def job_cpu_seconds(self) -> float:
         """CPU time the jobs' work has used: the trainer processes, or a job's own process before it starts one.
 
@@ -184,9 +201,12 @@ class JobEndpointsMixin:
                 if sent >= len(job.lines) and job.stage == "RUNNING":
                     job.changed.wait(timeout=0.5)
                 batch, done = job.lines[sent:], job.stage != "RUNNING"
-            for stamp, text in batch:
-                self.wfile.write(f"data: {json.dumps({'timestamp': stamp, 'data': text})}\n\n".encode())
-            self.wfile.flush()
+            try:
+                for stamp, text in batch:
+                    self.wfile.write(f"data: {json.dumps({'timestamp': stamp, 'data': text})}\n\n".encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client went away (it reconnects, or stopped following)
             sent += len(batch)
             if done and sent >= len(job.lines):
                 return

@@ -196,12 +196,17 @@ def _after(api: HfApi, state: JobState, run_dir: Path, writer: _RunWriter, stage
     job, verdict = state.current, (writer.last_event or {}).get("type")
     if writer.held is not None:  # the trainer finished or stopped on request, and said so
         finished = writer.held["type"] == "finished"
-        sync_results(api, state, run_dir, token, finished=finished)
-        writer.write_held()
-        state.status = "finished" if finished else "stopped"
-        state.save(run_dir)
-        say(f"{state.status}: the files are in {run_dir} and in {state.endpoint}/{state.repo}")
-        return state
+        checkpoint = sync_results(api, state, run_dir, token, finished=finished, step=writer.held.get("step"))
+        if _step_of(checkpoint) == writer.held.get("step"):
+            writer.write_held()
+            state.status = "finished" if finished else "stopped"
+            state.save(run_dir)
+            say(f"{state.status}: the files are in {run_dir} and in {state.endpoint}/{state.repo}")
+            return state
+        # Its last checkpoint never reached the repo (and the job's disk is gone): as good as died there.
+        writer.note(f"job {job.id} {writer.held['type']} at step {writer.held.get('step')} but the repo's newest "
+                    f"checkpoint is {checkpoint.name if checkpoint else 'none'}")
+        writer.held, verdict = None, None
     where = f"Its page: {job.url}. The checkpoints pushed so far are in {state.endpoint}/{state.repo}."
     if verdict == "failed":  # the trainer's own verdict (already in events.jsonl): another job would fail the same way
         error = writer.last_event or {}
@@ -247,11 +252,13 @@ def _step_of(checkpoint: Path | None) -> int | None:
 
 
 # -- files back from the repo ---------------------------------------------------------------------
-def sync_results(api: HfApi, state: JobState, run_dir: Path, token: Any, *, finished: bool) -> Path | None:
-    """Bring the newest pushed checkpoint and the samples into the run; a finished run's LoRA files as final/."""
+def sync_results(api: HfApi, state: JobState, run_dir: Path, token: Any, *, finished: bool, step: int | None = None
+                 ) -> Path | None:
+    """Bring the newest pushed checkpoint and the samples into the run; a finished run's LoRA files as final/
+    (only from the checkpoint of the finished step)."""
     checkpoint = fetch_run(state.repo, run_dir, token=token, endpoint=state.endpoint)
     _sync_samples(api, state, run_dir, token)
-    if finished and checkpoint is not None:
+    if finished and checkpoint is not None and (step is None or _step_of(checkpoint) == step):
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 STOP_POLL = 10.0  # seconds between looks for a stop request
 STOP_POLL_ENV = "LORA_STUDIO_STOP_POLL"  # overrides STOP_POLL, e.g. for tests
+JOB_UPLOAD_WAIT = 240.0  # seconds the trainer waits for its uploads in a job (under jobmonitor.STOP_WAIT)
 
 
 def stop_file(attempt: str) -> str:
@@ -62,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     if train_args[:1] != ["train"] or len(train_args) < 2:
         parser.error("expected -- train RUN [...]")
 
-    from .checkpoints import fetch_run  # imports the Hub client (with its timeouts)
+    from .checkpoints import UPLOAD_WAIT_ENV, fetch_run  # imports the Hub client (with its timeouts)
 
     checkpoint = fetch_run(args.repo, Path(train_args[1]))
     print(f"jobrunner: fetched the run from {args.repo}" + (f" ({checkpoint.name})" if checkpoint else ""), flush=True)
     from ..events import ECHO_ENV
 
-    child = subprocess.Popen(trainer_command(train_args, args.processes), env={**os.environ, ECHO_ENV: "1"})
+    # In a job the pushed checkpoints are all that outlives it: wait for uploads longer than on a local
+    # machine (the follower still cancels a stop that takes longer than its STOP_WAIT).
+    env = {UPLOAD_WAIT_ENV: str(JOB_UPLOAD_WAIT), **os.environ, ECHO_ENV: "1"}
+    child = subprocess.Popen(trainer_command(train_args, args.processes), env=env)
     stop_sent = False
 
     def stop(signum=None, frame=None) -> None:  # noqa: ARG001
