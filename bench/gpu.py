@@ -203,6 +203,7 @@ def make_step(parts: dict, row: Row, device: str):
 
     def cleanup():
         optimizer.zero_grad(set_to_none=True)
+        accelerator.unwrap_model(unet_p, keep_fp32_wrapper=False)  # drop this row's autocast wrapper of forward
         unet.delete_adapters(name)
         vae.to("cpu")
         for te in tes:

@@ -98,10 +98,13 @@ def meta_shapes(name: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]
     return dict(_meta_shapes_cached(name, json.dumps(config, sort_keys=True)))
 
 
-def _component(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], file_bytes: int | None) -> Component:
+def _component(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], file_bytes: int | None,
+               file_param_bytes: int = 4) -> Component:
     params = sum(math.prod(s) for s in shapes.values())
+    if file_bytes is None:
+        file_bytes = file_param_bytes * params
     module_shapes = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
-    return Component(name, params, file_bytes if file_bytes is not None else 4 * params, config, module_shapes)
+    return Component(name, params, file_bytes, config, module_shapes)
 
 
 def _weight_files(folder: Path, variant: str) -> list[Path]:
@@ -133,8 +136,11 @@ def from_folder(folder: Path, kind: str, variant: str = "") -> Architecture:
     return Architecture(kind, components, f"{folder} ({', '.join(sorted(sources))})")
 
 
-def from_published(kind: str, note: str = "") -> Architecture:
-    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None) for n in PUBLISHED[kind]}
+def from_published(kind: str, note: str = "", variant: str = "") -> Architecture:
+    """The published architecture; its files are fp32, or fp16 with variant = fp16 (both repositories have both)."""
+    nbytes = 2 if variant == "fp16" else 4
+    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None, nbytes)
+                  for n in PUBLISHED[kind]}
     label = "SD 1.5" if kind == "sd" else "SDXL base 1.0"
     return Architecture(kind, components, note or f"published {label} configs on the meta device")
 
@@ -157,6 +163,16 @@ def from_single_file(path: Path, kind: str) -> Architecture:
         for name, c in published.components.items()
     }
     return Architecture(kind, components, f"{path.name} (safetensors header; layer shapes from the published configs)")
+
+
+def has_fp16_variant(spec: str) -> bool:
+    """The model's folder (local, or the Hub cache) holds fp16 weight files; a published id not yet
+    downloaded is known to have them."""
+    spec = spec.strip()
+    if spec in PUBLISHED_IDS:
+        return True
+    folder = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else _cached_hub_folder(spec)
+    return folder is not None and any(folder.glob("unet/*.fp16.safetensors"))
 
 
 def _cached_hub_folder(repo_id: str) -> Path | None:
@@ -187,9 +203,9 @@ def architecture(spec: str, variant: str = "") -> Architecture:
     if cached is not None:
         return from_folder(cached, kind, variant)
     if spec in PUBLISHED_IDS:
-        return from_published(kind)
-    return from_published(kind, note=f"'{spec}' is not downloaded yet: assumed the size of the published "
-                                     f"{'SDXL' if kind == 'sdxl' else 'SD 1.5'} architecture")
+        return from_published(kind, variant=variant)
+    return from_published(kind, variant=variant, note=f"'{spec}' is not downloaded yet: assumed the size of the published "
+                                                      f"{'SDXL' if kind == 'sdxl' else 'SD 1.5'} architecture")
 
 
 # -- LoRA -------------------------------------------------------------------------------------------
