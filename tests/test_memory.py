@@ -256,3 +256,25 @@ def test_ram_at_load_counts_what_is_converted_and_not_what_is_mapped_from_its_fi
     assert same["a weights file being converted"] == 2 * sdxl.params("vae")
     assert converted["weights converted while loading"] == 2 * (sdxl.params("unet") + sum(t.params for t in sdxl.text_encoders))
     assert converted["a weights file being converted"] == 4 * sdxl.params("unet")
+    cfg.optim.mixed_precision = "bf16"  # fp16 files, bf16 weights: same size, still a conversion
+    bf16 = {t.label: t.bytes for t in memory.estimate(cfg, from_published("sdxl", variant="fp16")).ram}
+    assert bf16["a weights file being converted"] == 2 * sdxl.params("unet")
+
+
+def test_a_single_checkpoint_file_is_sized_from_its_header(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({
+        "model.diffusion_model.a.weight": np.zeros((100, 10), np.float16),
+        "first_stage_model.b.weight": np.zeros((7,), np.float16),
+        "conditioner.embedders.0.c.weight": np.zeros((5, 4), np.float16),
+        "conditioner.embedders.1.d.weight": np.zeros((3, 3), np.float16),  # SDXL's second text encoder
+    }, str(path))
+    arch = memory.architecture(str(path))
+    assert arch.kind == "sdxl"
+    assert [arch.params(n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")] == [1000, 7, 20, 9]
+    assert arch.components["unet"].file_dtype == "F16"
+    # Layer shapes: the published SDXL UNet (70 transformer blocks, two attentions each, A and B per projection).
+    assert len(lora_tensors(arch.components["unet"], ATTENTION, 4)) == 70 * 2 * 4 * 2

@@ -31,6 +31,7 @@ class Component:
     params: int
     file_bytes: int  # the weights' size on disk (params x 4 where unknown)
     config: dict[str, Any]  # config.json: what the meta-device simulation builds
+    file_dtype: str = "F32"  # safetensors' name of the weights' dtype on disk (the most common one)
     shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)  # module name -> weight shape
 
 
@@ -49,11 +50,14 @@ class Architecture:
 
 
 # -- reading shapes -----------------------------------------------------------------------------------
-def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Float tensor shapes by name and their bytes, from safetensors headers (no weights read)."""
+def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int, str]:
+    """Float tensor shapes by name, their bytes and their most common dtype, from safetensors headers
+    (no weights read)."""
+    from collections import Counter
+
     from safetensors import safe_open
 
-    shapes, nbytes = {}, 0
+    shapes, nbytes, dtypes = {}, 0, Counter()
     for path in files:
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():
@@ -64,7 +68,8 @@ def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int]:
                 shape = tuple(piece.get_shape())
                 shapes[key] = shape
                 nbytes += math.prod(shape) * _FLOAT_BYTES[dtype]
-    return shapes, nbytes
+                dtypes[dtype] += math.prod(shape)
+    return shapes, nbytes, (dtypes.most_common(1)[0][0] if dtypes else "F32")
 
 
 def meta_model(name: str, config: dict[str, Any], device: str = "meta"):
@@ -99,12 +104,12 @@ def meta_shapes(name: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]
 
 
 def _component(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], file_bytes: int | None,
-               file_param_bytes: int = 4) -> Component:
+               file_dtype: str = "F32") -> Component:
     params = sum(math.prod(s) for s in shapes.values())
     if file_bytes is None:
-        file_bytes = file_param_bytes * params
+        file_bytes = _FLOAT_BYTES[file_dtype] * params
     module_shapes = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
-    return Component(name, params, file_bytes, config, module_shapes)
+    return Component(name, params, file_bytes, config, shapes=module_shapes, file_dtype=file_dtype)
 
 
 def _weight_files(folder: Path, variant: str) -> list[Path]:
@@ -127,19 +132,19 @@ def from_folder(folder: Path, kind: str, variant: str = "") -> Architecture:
         config = json.loads((folder / name / "config.json").read_text())
         files = _weight_files(folder / name, variant)
         if files:
-            shapes, nbytes = header_shapes(files)
+            shapes, nbytes, dtype = header_shapes(files)
             sources.add("safetensors headers")
         else:
-            shapes, nbytes = meta_shapes(name, config), None
+            shapes, nbytes, dtype = meta_shapes(name, config), None, "F16" if variant == "fp16" else "F32"
             sources.add("configs on the meta device")
-        components[name] = _component(name, config, shapes, nbytes)
+        components[name] = _component(name, config, shapes, nbytes, dtype)
     return Architecture(kind, components, f"{folder} ({', '.join(sorted(sources))})")
 
 
 def from_published(kind: str, note: str = "", variant: str = "") -> Architecture:
     """The published architecture; its files are fp32, or fp16 with variant = fp16 (both repositories have both)."""
-    nbytes = 2 if variant == "fp16" else 4
-    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None, nbytes)
+    dtype = "F16" if variant == "fp16" else "F32"
+    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None, dtype)
                   for n in PUBLISHED[kind]}
     label = "SD 1.5" if kind == "sd" else "SDXL base 1.0"
     return Architecture(kind, components, note or f"published {label} configs on the meta device")
@@ -148,7 +153,7 @@ def from_published(kind: str, note: str = "", variant: str = "") -> Architecture
 def from_single_file(path: Path, kind: str) -> Architecture:
     """A single checkpoint: its header gives each component's size; layer shapes follow the published
     config of its kind (the one diffusers' from_single_file loads it into)."""
-    shapes, _ = header_shapes([path])
+    shapes, _, dtype = header_shapes([path])
     published = from_published(kind)
     sizes: dict[str, list[int]] = {}
     for key, shape in shapes.items():
@@ -159,7 +164,8 @@ def from_single_file(path: Path, kind: str) -> Architecture:
     file_ratio = path.stat().st_size / max(1, sum(math.prod(s) for s in shapes.values()))
     components = {
         name: Component(name, sizes[name][0] if name in sizes else c.params,
-                        int((sizes[name][0] if name in sizes else c.params) * file_ratio), c.config, c.shapes)
+                        int((sizes[name][0] if name in sizes else c.params) * file_ratio), c.config,
+                        shapes=c.shapes, file_dtype=dtype)
         for name, c in published.components.items()
     }
     return Architecture(kind, components, f"{path.name} (safetensors header; layer shapes from the published configs)")

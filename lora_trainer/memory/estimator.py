@@ -33,6 +33,7 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 ALLOCATOR_SLACK = 0.10  # of the activation peak; reserved over allocated, to be re-measured by bench/gpu.py
 PROCESS_RAM = {"cpu": int(0.45 * GiB), "cuda": int(2.0 * GiB)}  # python + torch + diffusers; CUDA adds its libraries
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
+_SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def ram_at_load(cfg: TrainConfig, arch: Architecture, device: str = "cuda") -> l
     converted, mapped, files = 0, 0, [0]
     for c in arch.components.values():
         load = c.params * (4 if c.name == "vae" else wbytes)
-        if c.file_bytes == load:
+        if c.file_dtype == ("F32" if c.name == "vae" else _SAFETENSORS_DTYPE[dt]):
             mapped += load
         else:
             converted += load
