@@ -97,13 +97,13 @@ def build(spec: str, device: str, seed: int = 0) -> dict:
             "text_encoders": [parts[n] for n in ("text_encoder", "text_encoder_2") if n in parts], "tokenizers": None}
 
 
-def inputs(resolution: int, device: str):
-    """Pixels, caption token ids, and (for SDXL) the added conditioning of one batch-1 step."""
+def inputs(resolution: int, device: str, vocab: int):
+    """Pixels and caption token ids of one batch-1 step."""
     import torch
 
     g = torch.Generator("cpu").manual_seed(1)
     pixels = torch.rand(1, 3, resolution, resolution, generator=g).to(device) * 2 - 1
-    ids = torch.randint(0, 1000, (1, 77), generator=g).to(device)
+    ids = torch.randint(0, min(1000, vocab), (1, 77), generator=g).to(device)
     return pixels, ids
 
 
@@ -122,7 +122,7 @@ def encode_text(parts: dict, ids):
 
 # -- the two setups -------------------------------------------------------------------------------------
 def make_step(parts: dict, row: Row, device: str):
-    """A closure running one optimizer step, set up as `row.setup` says; returns (step, cleanup)."""
+    """A closure running one optimizer step, set up as `row.setup` says; returns (step, cleanup, optimizer)."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -154,7 +154,7 @@ def make_step(parts: dict, row: Row, device: str):
     else:
         unet.disable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    pixels, ids = inputs(row.resolution, device)
+    pixels, ids = inputs(row.resolution, device, min(te.config.vocab_size for te in tes))
     vae_dtype = torch.float32 if (row.setup == "ours" or parts["kind"] == "sdxl") else wdt
     vae.to(device, dtype=vae_dtype)
     for te in tes:
@@ -203,12 +203,13 @@ def make_step(parts: dict, row: Row, device: str):
 
     def cleanup():
         optimizer.zero_grad(set_to_none=True)
+        accelerator.unwrap_model(unet_p, keep_fp32_wrapper=False)  # drop this row's autocast wrapper of forward
         unet.delete_adapters(name)
         vae.to("cpu")
         for te in tes:
             te.to("cpu")
 
-    return step, cleanup
+    return step, cleanup, optimizer
 
 
 def estimate_for(spec: str, row: Row, device: str) -> int:
@@ -239,17 +240,17 @@ def measure(spec: str, parts: dict, row: Row, device: str, steps: int) -> Row:
     if device == "cpu" and (row.optimizer == "adamw8bit" or row.dtype == "fp16"):
         row.note = "needs CUDA"
         return row
-    step, cleanup = make_step(parts, row, device)
+    step, cleanup, optimizer = make_step(parts, row, device)
+    step()  # warm-up: the optimizer state is created, kernels are chosen, one-time caches fill
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         context = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
+    # The state exists from the warm-up on; the RSS measured from here on adds it back, counted tensor by tensor.
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     base = rss()
     reset_peak_rss()
-    step()  # warm-up: the optimizer state is created, kernels chosen
-    if device == "cuda":
-        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         step()
@@ -259,7 +260,7 @@ def measure(spec: str, parts: dict, row: Row, device: str, steps: int) -> Row:
     if device == "cuda":
         row.peak = context + torch.cuda.max_memory_reserved()
     else:
-        row.peak = rss("VmHWM") - base
+        row.peak = rss("VmHWM") - base + state
     row.ram_peak = rss("VmHWM")
     if row.setup == "ours":
         row.estimate = estimate_for(spec, row, device)
@@ -363,7 +364,7 @@ def format_table(rows: list[Row], device: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny models on the CPU (no GPU needed)")
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per row (default 5 on a GPU, 2 tiny)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per row (default 5 on a GPU, 1 tiny)")
     parser.add_argument("--models", default="", help="comma-separated subset: sd,sdxl (or the builtin:tiny-* names)")
     parser.add_argument("--no-load-ram", action="store_true", help="skip the RAM-at-load table")
     args = parser.parse_args(argv)
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU here: running the --tiny table instead")
     specs = TINY if device == "cpu" else FULL
     chosen = [s for s in specs if not args.models or s in args.models.split(",")]
-    steps = args.steps or (5 if device == "cuda" else 2)
+    steps = args.steps or (5 if device == "cuda" else 1)
     print(f"device: {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, LoRA rank {RANK} on {', '.join(TARGETS)}, batch 1, {steps} timed steps per row")
     rows = []

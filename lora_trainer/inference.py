@@ -28,6 +28,9 @@ _PIPELINES: dict[tuple[str, str], object] = {}
 _RECENT: dict[tuple[str, str], list[str]] = {}  # per pipeline: adapter names, least recently used first
 MAX_LOADED_LORAS = 8  # per pipeline; the least recently used ones beyond this are unloaded
 _FUSED: dict[tuple[str, str], tuple[str, float]] = {}  # per pipeline: the (adapter, strength) fused into its weights
+# Per pipeline: a CPU copy of each base weight a fused LoRA changed, taken before its first fuse. Unfusing
+# subtracts the LoRA again, which in floating point is not exact; copying these back is.
+_BASE_WEIGHTS: dict[tuple[str, str], dict] = {}
 _OPTIONS: dict[tuple[str, str], MemoryOptions] = {}
 _LOCK = threading.Lock()  # one generation at a time per pipeline (diffusers pipelines are not re-entrant)
 INFERENCE_HEADROOM = 0.9  # of the free GPU memory: the allocator's slack and other processes
@@ -220,13 +223,23 @@ class Generator:
             module.eval()  # freshly loaded LoRA layers start in training mode: their dropout would be live
         if fuse is not None:
             # Merged into the base weights, the LoRA costs nothing per step; its layers stay loaded (and skip).
+            saved = _BASE_WEIGHTS.setdefault(self.key, {})
+            for layer in _lora_layers(self.pipe, fuse[0]):
+                if layer not in saved:
+                    saved[layer] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
             self.pipe.fuse_lora(components=_lora_components(self.pipe), lora_scale=1.0, adapter_names=[fuse[0]])
             _FUSED[self.key] = fuse
 
     def _unfuse(self) -> None:
-        if self.key in _FUSED:
-            self.pipe.unfuse_lora(components=_lora_components(self.pipe))
-            del _FUSED[self.key]
+        if self.key not in _FUSED:
+            return
+        name, _ = _FUSED.pop(self.key)
+        self.pipe.unfuse_lora(components=_lora_components(self.pipe))
+        saved = _BASE_WEIGHTS.get(self.key, {})
+        with _no_grad():
+            for layer in _lora_layers(self.pipe, name):
+                weight = layer.get_base_layer().weight
+                weight.copy_(saved[layer].to(weight.device))
 
     def _forget_old_adapters(self, keep: set[str]) -> None:
         """Unload the least recently used LoRAs beyond MAX_LOADED_LORAS (a checkpoint grid loads many)."""
@@ -283,6 +296,20 @@ class Generator:
 
 def _models(pipe) -> list:
     return [pipe.unet, *models.text_encoders(pipe)]
+
+
+def _lora_layers(pipe, adapter: str) -> list:
+    """The peft LoRA layers of the pipeline's models that hold `adapter`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for model in _models(pipe) for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})]
+
+
+def _no_grad():
+    import torch
+
+    return torch.no_grad()
 
 
 def _lora_components(pipe) -> list[str]:

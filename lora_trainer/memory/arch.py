@@ -31,6 +31,7 @@ class Component:
     params: int
     file_bytes: int  # the weights' size on disk (params x 4 where unknown)
     config: dict[str, Any]  # config.json: what the meta-device simulation builds
+    file_dtype: str = "F32"  # safetensors' name of the weights' dtype on disk (the most common one)
     shapes: dict[str, tuple[int, ...]] = field(repr=False, default_factory=dict)  # module name -> weight shape
 
 
@@ -49,11 +50,14 @@ class Architecture:
 
 
 # -- reading shapes -----------------------------------------------------------------------------------
-def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int]:
-    """Float tensor shapes by name and their bytes, from safetensors headers (no weights read)."""
+def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int, str]:
+    """Float tensor shapes by name, their bytes and their most common dtype, from safetensors headers
+    (no weights read)."""
+    from collections import Counter
+
     from safetensors import safe_open
 
-    shapes, nbytes = {}, 0
+    shapes, nbytes, dtypes = {}, 0, Counter()
     for path in files:
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():
@@ -64,7 +68,8 @@ def header_shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], int]:
                 shape = tuple(piece.get_shape())
                 shapes[key] = shape
                 nbytes += math.prod(shape) * _FLOAT_BYTES[dtype]
-    return shapes, nbytes
+                dtypes[dtype] += math.prod(shape)
+    return shapes, nbytes, (dtypes.most_common(1)[0][0] if dtypes else "F32")
 
 
 def meta_model(name: str, config: dict[str, Any], device: str = "meta"):
@@ -98,10 +103,13 @@ def meta_shapes(name: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]
     return dict(_meta_shapes_cached(name, json.dumps(config, sort_keys=True)))
 
 
-def _component(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], file_bytes: int | None) -> Component:
+def _component(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], file_bytes: int | None,
+               file_dtype: str = "F32") -> Component:
     params = sum(math.prod(s) for s in shapes.values())
+    if file_bytes is None:
+        file_bytes = _FLOAT_BYTES[file_dtype] * params
     module_shapes = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.endswith(".weight") and len(s) in (2, 4)}
-    return Component(name, params, file_bytes if file_bytes is not None else 4 * params, config, module_shapes)
+    return Component(name, params, file_bytes, config, shapes=module_shapes, file_dtype=file_dtype)
 
 
 def _weight_files(folder: Path, variant: str) -> list[Path]:
@@ -124,17 +132,20 @@ def from_folder(folder: Path, kind: str, variant: str = "") -> Architecture:
         config = json.loads((folder / name / "config.json").read_text())
         files = _weight_files(folder / name, variant)
         if files:
-            shapes, nbytes = header_shapes(files)
+            shapes, nbytes, dtype = header_shapes(files)
             sources.add("safetensors headers")
         else:
-            shapes, nbytes = meta_shapes(name, config), None
+            shapes, nbytes, dtype = meta_shapes(name, config), None, "F16" if variant == "fp16" else "F32"
             sources.add("configs on the meta device")
-        components[name] = _component(name, config, shapes, nbytes)
+        components[name] = _component(name, config, shapes, nbytes, dtype)
     return Architecture(kind, components, f"{folder} ({', '.join(sorted(sources))})")
 
 
-def from_published(kind: str, note: str = "") -> Architecture:
-    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None) for n in PUBLISHED[kind]}
+def from_published(kind: str, note: str = "", variant: str = "") -> Architecture:
+    """The published architecture; its files are fp32, or fp16 with variant = fp16 (both repositories have both)."""
+    dtype = "F16" if variant == "fp16" else "F32"
+    components = {n: _component(n, published_config(kind, n), meta_shapes(n, published_config(kind, n)), None, dtype)
+                  for n in PUBLISHED[kind]}
     label = "SD 1.5" if kind == "sd" else "SDXL base 1.0"
     return Architecture(kind, components, note or f"published {label} configs on the meta device")
 
@@ -142,7 +153,7 @@ def from_published(kind: str, note: str = "") -> Architecture:
 def from_single_file(path: Path, kind: str) -> Architecture:
     """A single checkpoint: its header gives each component's size; layer shapes follow the published
     config of its kind (the one diffusers' from_single_file loads it into)."""
-    shapes, _ = header_shapes([path])
+    shapes, _, dtype = header_shapes([path])
     published = from_published(kind)
     sizes: dict[str, list[int]] = {}
     for key, shape in shapes.items():
@@ -153,10 +164,21 @@ def from_single_file(path: Path, kind: str) -> Architecture:
     file_ratio = path.stat().st_size / max(1, sum(math.prod(s) for s in shapes.values()))
     components = {
         name: Component(name, sizes[name][0] if name in sizes else c.params,
-                        int((sizes[name][0] if name in sizes else c.params) * file_ratio), c.config, c.shapes)
+                        int((sizes[name][0] if name in sizes else c.params) * file_ratio), c.config,
+                        shapes=c.shapes, file_dtype=dtype)
         for name, c in published.components.items()
     }
     return Architecture(kind, components, f"{path.name} (safetensors header; layer shapes from the published configs)")
+
+
+def has_fp16_variant(spec: str) -> bool:
+    """The model's folder (local, or the Hub cache) holds fp16 weight files; a published id not yet
+    downloaded is known to have them."""
+    spec = spec.strip()
+    if spec in PUBLISHED_IDS:
+        return True
+    folder = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else _cached_hub_folder(spec)
+    return folder is not None and any(folder.glob("unet/*.fp16.safetensors"))
 
 
 def _cached_hub_folder(repo_id: str) -> Path | None:
@@ -186,9 +208,9 @@ def architecture(spec: str, variant: str = "") -> Architecture:
     if cached is not None:
         return from_folder(cached, kind, variant)
     if spec in PUBLISHED_IDS:
-        return from_published(kind)
-    return from_published(kind, note=f"'{spec}' is not downloaded yet: assumed the size of the published "
-                                     f"{'SDXL' if kind == 'sdxl' else 'SD 1.5'} architecture")
+        return from_published(kind, variant=variant)
+    return from_published(kind, variant=variant, note=f"'{spec}' is not downloaded yet: assumed the size of the published "
+                                                      f"{'SDXL' if kind == 'sdxl' else 'SD 1.5'} architecture")
 
 
 # -- LoRA -------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ Terms and where they come from:
   (bitsandbytes' block-wise 8-bit moments, one fp32 scale per 256 values; tensors under 4096 values
   keep 32-bit state), Prodigy 16 B/param (prodigyopt 1.1: exp_avg, exp_avg_sq, s and p0; p0 is a
   scalar for a zero-initialised LoRA B, so 12 B there);
-- activations: one training step simulated on the meta device (simulate.py) at batch 1 and 512 px,
-  scaled by the batch and the image area (every feature map, hence every saved tensor, grows linearly
-  with both; fused attention keeps attention linear too);
+- activations: one training step simulated on the meta device (simulate.py) at batch 1 and the
+  training resolution, scaled by the batch (every saved tensor grows linearly with it); the plan's
+  alternative resolutions scale by image area from there (feature maps grow with the area, and fused
+  attention keeps attention linear too: within 5% for SD 1.5 between 256 and 1024 px, conservative by
+  up to 40% for SDXL with gradient checkpointing from 512 to 1024 px, measured on the simulation);
 - the CUDA context (kernels, cuBLAS workspace: 0.3-0.6 GB with CUDA's lazy loading, which
   max_memory_allocated never shows) and the caching allocator's slack over what is allocated.
 Phases: caching latents (VAE encode with everything loaded), training steps, sample renders
@@ -23,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import TEXT_ENCODER_TARGETS, TrainConfig
-from .arch import Architecture, architecture, lora_tensors
+from .arch import Architecture, architecture, has_fp16_variant, lora_tensors
 from .simulate import inference_peak, text_encoder_training_bytes, unet_training_peak
 
 GiB = 2**30
@@ -31,11 +33,7 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 ALLOCATOR_SLACK = 0.10  # of the activation peak; reserved over allocated, to be re-measured by bench/gpu.py
 PROCESS_RAM = {"cpu": int(0.45 * GiB), "cuda": int(2.0 * GiB)}  # python + torch + diffusers; CUDA adds its libraries
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
-SIMULATED_SIZE = 512  # px; other sizes scale by area, so a plan's alternatives need no new simulation
-
-
-def _area(resolution: int) -> float:
-    return (resolution / SIMULATED_SIZE) ** 2
+_SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class Estimate:
                              + ", ".join(f"{t.label} {gb(t.bytes)}" for t in self.phases[phase] if t.bytes) + ")")
         lines.append(f"peak: {gb(self.total)} ({self.peak_phase})")
         lines.append(f"system RAM while loading: {gb(self.ram_total)}  ("
-                     + ", ".join(f"{t.label} {gb(t.bytes)}" for t in self.ram) + ")")
+                     + ", ".join(f"{t.label} {t.note if t.note and not t.bytes else gb(t.bytes)}" for t in self.ram) + ")")
         lines.append(f"parameter counts: {self.source}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -116,6 +114,26 @@ def weight_dtype(cfg: TrainConfig) -> str:
     return cfg.optim.mixed_precision if cfg.optim.mixed_precision in ("fp16", "bf16") else "fp32"
 
 
+def load_dtype_for(cfg: TrainConfig, single_file: bool = False):
+    """The dtype to hand `from_pretrained` so frozen weights load directly in their training precision
+    (not in fp32 and cast afterwards, which doubles the RAM at load: 15.5 GB for SDXL). The VAE stays fp32.
+    A single-file checkpoint takes one dtype only (diffusers' from_single_file)."""
+    import torch
+
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.optim.mixed_precision)
+    if half is None:
+        return torch.float32
+    return half if single_file else {"default": half, "vae": torch.float32}
+
+
+def load_variant_for(cfg: TrainConfig) -> str:
+    """The weight variant to load: the config's, else fp16 for half-precision training where the model
+    has fp16 files (half the download, and no fp32 file in RAM being converted while it loads)."""
+    if cfg.model.variant or weight_dtype(cfg) == "fp32" or cfg.model.base.startswith("builtin:"):
+        return cfg.model.variant
+    return "fp16" if has_fp16_variant(cfg.model.base) else ""
+
+
 def _te_layers(arch: Architecture, name: str) -> list[int] | None:
     """SDXL reads text encoder 1's penultimate layer: the trainer leaves its last layer without LoRA."""
     if arch.kind == "sdxl" and name == "text_encoder":
@@ -132,9 +150,13 @@ def trainable_tensors(cfg: TrainConfig, arch: Architecture) -> dict[str, list[tu
     return out
 
 
-def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device: str = "cuda", processes: int = 1) -> Estimate:
-    """Peak memory of the run `cfg` describes on `device` ("cuda" or "cpu"), from `base` (default cfg.model.base)."""
-    arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, cfg.model.variant)
+def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device: str = "cuda", processes: int = 1,
+             simulated_size: int | None = None) -> Estimate:
+    """Peak memory of the run `cfg` describes on `device` ("cuda" or "cpu"), from `base` (default cfg.model.base).
+
+    `simulated_size`: the resolution to simulate at and scale from by area (default: the training resolution).
+    """
+    arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, load_variant_for(cfg))
     gpu = device == "cuda"
     dt = weight_dtype(cfg)
     wbytes = 4 if dt == "fp32" else 2
@@ -148,12 +170,15 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     flat = [t for ts in tensors.values() for t in ts]
     n_lora = sum(n for _, n in flat)
     lora_spec = {"rank": lora.rank, "targets": cfg.unet_targets(), "dora": lora.use_dora}
-    size, area = SIMULATED_SIZE, _area(res)
+    size = -(-(simulated_size or res) // 64) * 64  # every UNet and VAE level divides a multiple of 64
+    area = (res / size) ** 2
     acts = int(batch * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
     if lora.train_text_encoder:
         te_spec = {"rank": lora.rank, "targets": TEXT_ENCODER_TARGETS, "dora": lora.use_dora}
         acts += batch * sum(text_encoder_training_bytes(t.name, t.config, {**te_spec, "layers": _te_layers(arch, t.name)},
                                                         1, sim_dtype, opt.gradient_checkpointing) for t in tes)
+    if not cache_latents:  # each step encodes its images first: that peak comes and goes before the UNet's
+        acts = max(acts, int(batch * area * inference_peak("vae", vae.config, 1, size, size, "fp32", "encode")))
     context = [Term("CUDA context", CUDA_CONTEXT_BYTES, "kernels and cuBLAS workspace")] if gpu else []
     slack = (lambda b: [Term("allocator slack", int(ALLOCATOR_SLACK * b), f"{ALLOCATOR_SLACK:.0%} of activations")]) if gpu else (lambda b: [])
     unet_w = Term("UNet weights", unet.params * wbytes, f"{_millions(unet.params)} params, {dt}")
@@ -186,14 +211,28 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
 
 
 def ram_at_load(cfg: TrainConfig, arch: Architecture, device: str = "cuda") -> list[Term]:
-    """System RAM while the pipeline loads in its training dtype (load_dtype_for): everything is in RAM
-    before it moves to the GPU, plus one component's weights file read and converted at a time."""
+    """System RAM while the pipeline loads in its training dtype (load_dtype_for).
+
+    diffusers maps a component's weights file and, where the file's dtype is the load dtype, uses its
+    tensors in place: they are read through the page cache, not held by the process. Otherwise it reads
+    the whole file and converts each tensor, both alive until the component is done. Measured on SD 1.5
+    (peak RSS, CPU torch, bench/gpu.py's load table): fp32 files for bf16 training 5.52 GiB (estimated
+    5.79), fp16 files for bf16 4.24 (4.19), fp16 files for fp16 0.98 (0.92); the trainer's former fp32
+    load, cast afterwards: 5.31.
+    """
     dt = weight_dtype(cfg)
     wbytes = 4 if dt == "fp32" else 2
-    loaded = sum(c.params * (4 if c.name == "vae" else wbytes) for c in arch.components.values())
-    largest = max(c.file_bytes for c in arch.components.values())
+    converted, mapped, files = 0, 0, [0]
+    for c in arch.components.values():
+        load = c.params * (4 if c.name == "vae" else wbytes)
+        if c.file_dtype == ("F32" if c.name == "vae" else _SAFETENSORS_DTYPE[dt]):
+            mapped += load
+        else:
+            converted += load
+            files.append(c.file_bytes)
     return [
         Term("python, torch, diffusers", PROCESS_RAM["cuda" if device == "cuda" else "cpu"]),
-        Term(f"base weights ({dt}, VAE fp32)", loaded),
-        Term("largest file being read", largest),
+        Term("weights converted while loading", converted, f"to {dt}, VAE fp32"),
+        Term("a weights file being converted", max(files)),
+        Term("weights mapped from their files", 0, f"{gb(mapped)} through the page cache"),
     ]

@@ -20,7 +20,7 @@ import subprocess
 from ..config import TrainConfig
 from ..errors import LoraStudioError
 from .arch import Architecture, architecture
-from .estimator import Estimate, GiB, estimate, gb, text_caching, weight_dtype
+from .estimator import Estimate, GiB, estimate, gb, load_variant_for, text_caching, weight_dtype
 
 HEADROOM = 0.95  # plan to 95% of the card: other processes, fragmentation beyond the estimate
 
@@ -46,18 +46,6 @@ def detect_gpu() -> tuple[int, bool] | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory, torch.cuda.is_bf16_supported()
-
-
-def load_dtype_for(cfg: TrainConfig, single_file: bool = False):
-    """The dtype to hand `from_pretrained` so frozen weights load directly in their training precision
-    (not in fp32 and cast afterwards, which doubles the RAM at load: 15.5 GB for SDXL). The VAE stays fp32.
-    A single-file checkpoint takes one dtype only (diffusers' from_single_file)."""
-    import torch
-
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.optim.mixed_precision)
-    if half is None:
-        return torch.float32
-    return half if single_file else {"default": half, "vae": torch.float32}
 
 
 def _fits(est: Estimate, budget: int) -> bool:
@@ -87,7 +75,7 @@ def auto_plan(cfg: TrainConfig, base: str | Architecture | None = None, gpu_byte
         if found is None:
             return copy.deepcopy(cfg), ["no GPU found: the memory plan applies to GPUs (plan for one with --gpu-memory GB)"]
         gpu_bytes, bf16 = found
-    arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, cfg.model.variant)
+    arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, load_variant_for(cfg))
     budget = int(gpu_bytes * HEADROOM)
     reasons = [f"GPU memory {gb(gpu_bytes)}: planning to {gb(budget)} ({HEADROOM:.0%})"]
     new = copy.deepcopy(cfg)
@@ -161,8 +149,9 @@ def _refusal(cfg: TrainConfig, arch: Architecture, budget: int, smallest: Estima
     if cfg.sampling.every:
         tries += [(f"{no_renders[0]} and {what}", {**no_renders[1], **change}) for what, change in changes]
 
-    def need(changed: dict) -> int:
-        return estimate(_with(least, **changed), arch, device="cuda", processes=processes).total
+    def need(changed: dict) -> int:  # other resolutions scale from this one's simulation: no new ones
+        return estimate(_with(least, **changed), arch, device="cuda", processes=processes,
+                        simulated_size=cfg.data.resolution).total
 
     head = (f"this run needs at least {gb(smallest.total)} of GPU memory ({smallest.peak_phase}, even at batch 1 with "
             f"8-bit AdamW and gradient checkpointing); the GPU allows {gb(budget)}")
@@ -171,7 +160,7 @@ def _refusal(cfg: TrainConfig, arch: Architecture, budget: int, smallest: Estima
         if total <= budget:
             return f"{head}. To fit: {what} (then about {gb(total)})"
     advice = f"{head}. Use a GPU with at least {_card_gib(smallest.total)} GB"
-    if cfg.sampling.every:
+    if cfg.sampling.every and _card_gib(need(no_renders[1])) < _card_gib(smallest.total):
         advice += f" ({_card_gib(need(no_renders[1]))} GB with sampling.every = 0)"
     return advice
 
