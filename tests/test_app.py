@@ -707,3 +707,33 @@ def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(wher
 
 def test_sign_in_asks_for_no_more_than_creating_and_writing_your_own_repos():
     assert _readme_scopes().split() == ["openid", "profile", "write-repos", "contribute-repos"]
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("Push to 'alice/<name>' instead", "Push to 'alice/&lt;name&gt;' instead"),  # an unknown tag would vanish
+    ("a <script>alert(1)</script> & more", "a &lt;script&gt;alert(1)&lt;/script&gt; &amp; more"),
+    ("Press **Resume** to continue", "Press <strong>Resume</strong> to continue"),
+    ("invalid settings:\n  - lora.rank", "invalid settings:<br>  - lora.rank"),
+])
+def test_every_toast_message_is_escaped_once_in_one_place(message, shown):
+    from lora_trainer.errors import LoraStudioError
+    from lora_trainer.ui.common import toast_html, user_errors
+
+    assert toast_html(message) == shown
+
+    @user_errors
+    def inner():
+        raise gr.Error(message)
+
+    @user_errors
+    def outer():
+        inner()  # a handler calling a handler: escaped once, not twice
+
+    @user_errors
+    def engine():
+        raise LoraStudioError(message)
+
+    for handler in (outer, engine):
+        with pytest.raises(gr.Error) as error:
+            handler()
+        assert error.value.message == shown

@@ -20,8 +20,8 @@ from ..monitor import RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
-SHARED_FIELDS = {"model.base", "data.trigger"}
-BLIP_STYLES = {"sparse", "full"}  # caption styles that run the captioning model (captioning.STYLES)  # their controls live at the top of the page and on the Captions tab
+SHARED_FIELDS = {"model.base", "data.trigger"}  # their controls live at the top of the page and on the Captions tab
+BLIP_STYLES = {"sparse", "full"}  # the caption styles (captioning.STYLES) that run the captioning model
 POLL_SECONDS = 1.0
 STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "⏸️", "finished": "✅", "stopped": "⏸️",
                 "failed": "❌", "interrupted": "⚠️"}
