@@ -85,7 +85,8 @@ class TrainTab:
                 self.files = gr.File(label="Your LoRA: diffusers and kohya (A1111 / ComfyUI) formats",
                                      file_count="multiple", interactive=False)
             with gr.Accordion("Console output", open=False):
-                self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True)
+                self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True,
+                                      elem_id="train-console")
             # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
             self.timer = gr.Timer(POLL_SECONDS, active=False)
         self.view = [self.status, self.loss, self.samples, self.memory, self.files, self.console, self.timer,
