@@ -1,10 +1,11 @@
-"""Captions: a BLIP captioner, writing `.txt` captions beside each image, and bulk edits.
+"""Captions: auto-captioning a folder (BLIP, Florence-2 or Qwen-VL, see `captioners`), `.txt` captions
+beside each image, and bulk edits.
 
 Caption styles:
   sparse  - describe the subject only; style and medium words ("a painting of", "watercolor",
             "anime", "in the style of ...") are stripped, so the LoRA, not the words, carries
             the style. The default, and what a style LoRA wants.
-  full    - everything BLIP says (minus its known artefacts such as "arafed").
+  full    - everything the captioner says (minus known artefacts such as BLIP's "arafed").
   trigger - the trigger word alone, no model needed.
 The trigger word is placed by a template (`{trigger}, {caption}`) plus an optional suffix
 (`in the style of {trigger}`). Existing captions are kept unless `overwrite=True`.
@@ -12,111 +13,30 @@ The trigger word is placed by a template (`{trigger}, {caption}`) plus an option
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from PIL import Image, ImageOps
 
-from .errors import DatasetError, LoraStudioError, ModelLoadError
+# Re-exported (`X as X`): the captioners live in captioners.py; cli.py and the app import them from here.
+from .captioners import CAPTIONERS as CAPTIONERS
+from .captioners import DETAILS as DETAILS
+from .captioners import KINDS as KINDS
+from .captioners import BlipCaptioner as BlipCaptioner
+from .captioners import Captioner
+from .captioners import Florence2Captioner as Florence2Captioner
+from .captioners import QwenVLCaptioner as QwenVLCaptioner
+from .captioners import captioner_options as captioner_options
+from .captioners import make_captioner as make_captioner
+from .captioners import shared_captioner as shared_captioner
+from .captioners import unload_all as unload_all
+from .errors import DatasetError, LoraStudioError
 from .intake import iter_images, read_caption_file, write_caption
 
-DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
-LIGHT_CAPTION_MODEL = "Salesforce/blip-image-captioning-base"  # ~2x faster, a little less detailed
 STYLES = ("sparse", "full", "trigger")
 DEFAULT_TEMPLATE = "{trigger}, {caption}"
-
-
-class Captioner(Protocol):
-    def caption(self, images: list[Image.Image]) -> list[str]:
-        """One caption per image, in order."""
-        ...
-
-
-class BlipCaptioner:
-    """BLIP image captioning (transformers), batched, fp16 on a GPU, fp32 on the CPU.
-
-    `model` is a Hub id or a local folder (loaded on first use, or by `load()`), or an already
-    built `BlipForConditionalGeneration`, in which case `processor` must be given too.
-    `device` defaults to the GPU when there is one.
-    """
-
-    def __init__(
-        self,
-        model=DEFAULT_CAPTION_MODEL,
-        processor=None,
-        *,
-        device: str | None = None,
-        batch_size: int = 8,
-        max_new_tokens: int = 40,
-        num_beams: int = 3,
-        progress: Callable[[int, int], None] | None = None,
-    ):
-        if not isinstance(model, str) and processor is None:
-            raise LoraStudioError("BlipCaptioner: pass the BlipProcessor together with a model object")
-        self.name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "BLIP"
-        self.model = None if isinstance(model, str) else model
-        self.processor = processor
-        self.device = device
-        self.batch_size = max(1, batch_size)
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
-        self.progress = progress
-        self._ready = False
-
-    def load(self) -> BlipCaptioner:
-        """Load the model now (it loads on first use otherwise); a failure names the model and the fix."""
-        if self._ready:
-            return self
-        import torch
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        half = self.device.startswith("cuda")  # fp16 halves memory and time on a GPU; CPUs want fp32
-        if self.model is None:
-            if isinstance(self.name, str) and not Path(self.name).expanduser().is_dir():
-                from .models import ensure_downloadable
-
-                ensure_downloadable(self.name, "config.json", "captioning model")
-            try:
-                self.processor = self.processor or BlipProcessor.from_pretrained(self.name)
-                self.model = BlipForConditionalGeneration.from_pretrained(
-                    self.name, dtype=torch.float16 if half else torch.float32)
-            except Exception as e:  # no network, unknown id, missing files, a broken download: all say the same
-                detail = " ".join(str(e).split())[:200] or type(e).__name__
-                raise ModelLoadError(
-                    f"Could not load the captioning model '{self.name}' ({type(e).__name__}: {detail}). "
-                    f"Check the Hub id or local folder (e.g. {DEFAULT_CAPTION_MODEL} or the lighter "
-                    f"{LIGHT_CAPTION_MODEL}) and that this machine can reach huggingface.co or already has the "
-                    "model in its cache."
-                ) from None
-        elif half and self.model.dtype == torch.float32:
-            self.model = self.model.half()
-        self.model = self.model.to(self.device).eval()
-        self._ready = True
-        return self
-
-    def caption(self, images: list[Image.Image]) -> list[str]:
-        import torch
-
-        model = self.load().model
-        captions: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            batch = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-            pixel_values = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-            with torch.inference_mode():
-                ids = model.generate(
-                    pixel_values=pixel_values.to(model.device, model.dtype),
-                    max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                )
-            captions += [clean_blip(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-            if self.progress:
-                self.progress(len(captions), len(images))
-        return captions
 
 
 # -- caption text -------------------------------------------------------------------------------
@@ -131,7 +51,10 @@ _NOT_A_NOUN = r"(?:of|on|in|at|with|and|or|by|for|to|from|is|are|style)\b"
 _STYLE_TAG_WORDS = rf"(?:{_STYLE_ADJECTIVES}|{_MEDIUMS}s?|style|masterpiece|trending on artstation|artstation|best quality|high quality)"
 
 _BLIP_ARTEFACT = re.compile(r"\b(?:an?\s+)?ar+af+\w*\b", re.I)  # "arafed", "araffe": BLIP-large noise for "a"
-_BLIP_OPENERS = re.compile(r"^(?:there (?:is|are)|this is|it is)\s+", re.I)
+# fillers the models open with; "this painting shows" stays (its medium is a style word for `sparse` to judge)
+_OPENERS = re.compile(r"^(?:there (?:is|are)|this is|it is|in (?:the|this) (?:image|picture),?|(?:the|this) (?:image|picture) "
+                      r"(?:shows|depicts|features|contains|captures|portrays|is of|is))\s+", re.I)
+_LEADING_ARTICLE = re.compile(r"^(A|An|The)\b")  # "A cat ..." reads "ohwx, a cat ..." after the trigger
 _MEDIUM_OF = re.compile(rf"(?:^|(?<=,))\s*(?:(?:an?|the)\s+)?(?:{_STYLE_ADJECTIVES}\s+)*{_MEDIUMS}s?\s+(?:of|showing|depicting)\s+", re.I)
 _IN_THE_STYLE_OF = re.compile(r"\s*\bin the style of\b[^,]*", re.I)
 _IN_STYLE = re.compile(
@@ -143,16 +66,19 @@ _STYLE_TAG = re.compile(rf"(?:(?:an?|the|in)\s+)?(?:{_STYLE_TAG_WORDS}\s*)+", re
 _DETERMINERS = {"a", "an", "the", "of", "his", "her", "their", "my", "your", "its", "this", "that", "holding", "with"}
 
 
-def clean_blip(text: str) -> str:
-    """BLIP's raw caption, tidied: its artefacts removed, no leading "there is"."""
+def clean_generated(text: str) -> str:
+    """A model's raw caption, tidied: BLIP's artefacts and the models' "the image shows" removed, one line."""
+    # no control characters in a caption file, nor the replacement marks of a token cut mid-character
+    text = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in text)
     text = _BLIP_ARTEFACT.sub("a", text)
-    text = _BLIP_OPENERS.sub("", text.strip())
+    text = _OPENERS.sub("", " ".join(text.split()))
+    text = _LEADING_ARTICLE.sub(lambda m: m[1].lower(), text)
     return _tidy(text)
 
 
 def strip_style_words(caption: str) -> str:
     """The sparse caption: the subject without style and medium words (for style LoRAs)."""
-    text = clean_blip(caption)
+    text = clean_generated(caption)
     text = _IN_THE_STYLE_OF.sub("", text)
     text = _IN_STYLE.sub("", text)
     text = _X_STYLE.sub("", text)
@@ -195,11 +121,14 @@ class CaptionResult:
     written: dict[Path, str] = field(default_factory=dict)  # image -> the caption written
     kept: list[Path] = field(default_factory=list)  # images whose existing caption was kept
     failed: list[tuple[Path, str]] = field(default_factory=list)  # image, reason
+    left: int = 0  # images not captioned because captioning was stopped
 
     def summary(self) -> str:
         text = f"{len(self.written)} captions written, {len(self.kept)} existing kept"
         if self.failed:
             text += f", {len(self.failed)} failed: " + "; ".join(f"{p.name}: {why}" for p, why in self.failed[:10])
+        if self.left:
+            text += f"; stopped with {self.left} image{'s' * (self.left != 1)} left uncaptioned"
         return text
 
 
@@ -214,8 +143,13 @@ def caption_folder(
     overwrite: bool = False,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CaptionResult:
-    """Write a `.txt` caption beside every image in `folder` (recursively) that has none (or all, with overwrite)."""
+    """Write a `.txt` caption beside every image in `folder` (recursively) that has none (or all, with overwrite).
+
+    `progress(done, total)` follows the images; `should_stop()` is asked before each batch, and a stop
+    keeps every caption written so far (run again without overwrite to caption the rest).
+    """
     if style not in STYLES:
         raise LoraStudioError(f"caption style '{style}' is unknown; use one of {', '.join(STYLES)}")
     if style == "trigger" and not trigger.strip():
@@ -236,6 +170,9 @@ def caption_folder(
     if progress:
         progress(0, len(todo))
     for start in range(0, len(todo), max(1, batch_size)):
+        if should_stop and should_stop():
+            result.left = len(todo) - start
+            break
         batch = todo[start:start + max(1, batch_size)]
         if style == "trigger":
             captions = [trigger.strip()] * len(batch)
@@ -245,7 +182,7 @@ def caption_folder(
             if raw is None:
                 continue
             text = raw if style == "trigger" else compose_caption(
-                strip_style_words(raw) if style == "sparse" else clean_blip(raw), trigger, template, suffix)
+                strip_style_words(raw) if style == "sparse" else clean_generated(raw), trigger, template, suffix)
             if not text:
                 result.failed.append((image, "the model gave no caption; write one by hand or set a trigger word"))
                 continue
@@ -318,31 +255,3 @@ def append_to_captions(folder: str | Path, text: str, *, separator: str = ", ") 
 
 
 # -- command line -------------------------------------------------------------------------------
-def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `python -m lora_trainer caption DIR ...`."""
-    parser.add_argument("folder", metavar="DIR", help="Dataset folder: images (recursively) get a same-named .txt caption.")
-    parser.add_argument("--trigger", default="", help="Trigger word placed by --template (e.g. ohwx).")
-    parser.add_argument("--style", choices=STYLES, default="sparse",
-                        help="sparse: subject only, style words stripped (style LoRAs); full: all BLIP says; "
-                             "trigger: the trigger word alone (no model).")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="Where the trigger goes: {trigger} and {caption}.")
-    parser.add_argument("--suffix", default="", help="Appended to every caption, e.g. 'in the style of {trigger}'.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace existing captions (kept by default).")
-    parser.add_argument("--model", default=DEFAULT_CAPTION_MODEL,
-                        help=f"BLIP captioning model: Hub id or local folder ({LIGHT_CAPTION_MODEL} is lighter).")
-    parser.add_argument("--batch-size", type=int, default=8, help="Images captioned at once (lower it if memory runs out).")
-
-
-def caption_command(args: argparse.Namespace) -> int:
-    """Run `caption`; LoraStudioError propagates for the CLI to print as one line."""
-    captioner = None if args.style == "trigger" else BlipCaptioner(args.model, batch_size=args.batch_size)
-
-    def report_progress(done: int, total: int) -> None:
-        print(f"\rcaptioned {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    result = caption_folder(
-        args.folder, captioner, trigger=args.trigger, style=args.style, template=args.template, suffix=args.suffix,
-        overwrite=args.overwrite, batch_size=args.batch_size, progress=report_progress,
-    )
-    print(result.summary())
-    return 1 if result.failed else 0

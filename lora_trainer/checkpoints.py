@@ -1,29 +1,33 @@
 """Checkpoints in a run folder: what a resume needs, written atomically, pruned, pushed off the box.
 
 `checkpoints/step-NNNNNN/` holds both LoRA files (usable on their own) plus `state/` (the
-adapter in peft layout, the optimizer and LR-scheduler state) and `trainer_state.json`. A folder
-counts as a checkpoint once `trainer_state.json` exists; it is written last, inside a temp folder
-that is renamed into place, so a kill leaves either the old or the new complete checkpoint.
+adapter in peft layout, the optimizer and LR-scheduler state), `trainer_state.json` and
+`manifest.json` (the size and sha256 of every other file). A folder counts as a checkpoint once
+`trainer_state.json` exists; everything is written inside a temp folder that is renamed into place,
+so a kill leaves either the old or the new complete checkpoint. What a kill cannot do, a disk or a
+copy can: a resume verifies the manifest and falls back to the newest checkpoint that is intact,
+naming the damaged file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import queue
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingFailed
 from .fsutil import atomic_write_text
 
 log = logging.getLogger("lora_trainer.checkpoints")
 
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+# What a resume reads; a checkpoint missing one of them cannot resume (scaler.pt is optional: fp16 only).
+RESUME_FILES = (f"{STATE_DIR}/adapter.safetensors", f"{STATE_DIR}/optimizer.pt", f"{STATE_DIR}/scheduler.pt", TRAINER_STATE)
 
 # Settings a checkpoint's tensors depend on: a resume with any of them changed cannot load it.
 RESUME_SETTINGS = (
@@ -37,9 +41,19 @@ def resume_settings(cfg) -> dict[str, Any]:
 
 
 def check_resumable(run_dir: Path, cfg) -> Path | None:
-    """The checkpoint a run would resume from, after checking the config still fits it."""
-    checkpoint = latest_checkpoint(run_dir)
+    """The checkpoint a run resumes from: the newest intact one (damaged ones are skipped and logged), after
+    checking the config still fits it. Raises TrainingFailed when checkpoints exist but none is intact."""
+    checkpoint, damaged = newest_intact_checkpoint(run_dir)
+    for path, problem in damaged:
+        log.warning("checkpoint %s is damaged (%s); %s", path.name, problem,
+                    f"resuming from {checkpoint.name} instead" if checkpoint else "no intact checkpoint is left")
     if checkpoint is None:
+        if damaged:
+            problems = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+            raise TrainingFailed(
+                f"every checkpoint of this run is damaged ({problems}), so it cannot resume",
+                hint=f"delete {Path(run_dir) / 'checkpoints'} to train this run from the start, or restore the files from a copy",
+            )
         return None
     saved = json.loads((checkpoint / TRAINER_STATE).read_text()).get("settings", {})
     now = resume_settings(cfg)
@@ -53,6 +67,63 @@ def check_resumable(run_dir: Path, cfg) -> Path | None:
     return checkpoint
 
 
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that verifies, [(newer damaged checkpoint, what is wrong)])."""
+    damaged = []
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        problem = verify(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append((checkpoint, problem))
+    return None, damaged
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: size and sha256 of every file in `folder`, written last."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": entries}, indent=1))
+
+
+def verify(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint (naming the file), or None when it can resume.
+
+    With a manifest every listed file must have its size and checksum; an older checkpoint without one
+    is checked for its files and a readable trainer_state.json.
+    """
+    for name in RESUME_FILES:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    manifest = checkpoint / MANIFEST
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, entry in entries.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry.get("size"):
+                return f"{name} has {path.stat().st_size} bytes, {entry.get('size')} were written (truncated or changed)"
+            if _sha256(path) != entry.get("sha256"):
+                return f"{name} does not match its checksum (the file changed after it was written)"
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{TRAINER_STATE} is unreadable"
+    return None
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -60,6 +131,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
         return []
     done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -83,6 +158,7 @@ def write_training_state(
     if scaler is not None:
         torch.save(scaler.state_dict(), dest / STATE_DIR / "scaler.pt")
     atomic_write_text(dest / TRAINER_STATE, json.dumps(meta))
+    write_manifest(dest)
 
 
 def read_training_state(
@@ -111,51 +187,8 @@ def prune(run_dir: Path, keep: int, protect: set[Path] = frozenset()) -> None:
 def write_model_card(run_dir: Path, name: str) -> None:
     """README.md in the run folder: the model card a push would publish. Never fails the run."""
     try:
-        from .modelcard import render_model_card
+        from .hub.modelcard import render_model_card
 
         atomic_write_text(run_dir / "README.md", render_model_card(run_dir, name))
     except Exception as e:  # noqa: BLE001 - a card is a courtesy; the LoRA is already saved
         log.warning("could not write README.md: %s", e)
-
-
-class Uploader:
-    """Pushes checkpoints to a Hub repo one at a time, in a background thread, without blocking training.
-
-    A failed push is logged, never raised. Pruning (keep the newest `keep`) happens after each push
-    and spares checkpoints still waiting in the queue.
-    """
-
-    def __init__(self, run_dir: Path, repo: str, keep: int = 0):
-        self.run_dir, self.repo, self.keep = run_dir, repo, keep
-        self._queue: queue.Queue[Path | None] = queue.Queue()
-        self._pending: set[Path] = set()
-        self._thread: threading.Thread | None = None
-
-    def submit(self, checkpoint: Path) -> None:
-        self._pending.add(checkpoint)
-        self._queue.put(checkpoint)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="checkpoint-uploader", daemon=True)
-            self._thread.start()
-
-    def _work(self) -> None:
-        from .hub_checkpoints import push_checkpoint_safely
-
-        while (checkpoint := self._queue.get()) is not None:
-            error = push_checkpoint_safely(self.run_dir, checkpoint, self.repo, token=os.environ.get("HF_TOKEN"))
-            if error:
-                log.warning("checkpoint push to %s failed: %s", self.repo, error)
-            else:
-                log.info("pushed %s to %s", checkpoint.name, self.repo)
-            self._pending.discard(checkpoint)
-            if self.keep:
-                prune(self.run_dir, self.keep, protect=set(self._pending))
-
-    def close(self) -> None:
-        """Wait for every queued push to finish."""
-        if self._thread is not None:
-            if self._pending:
-                log.info("waiting for %d checkpoint upload(s) to finish", len(self._pending))
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None

@@ -1,6 +1,8 @@
 """`python -m lora_trainer <command>`: train, check, generate, caption, push.
 
-Errors a user can cause print one message that says what to do (no traceback) and exit 1.
+Every argument parser and every line the command line prints live here; the commands call the
+engine's functions. Errors a user can cause print one message that says what to do (no
+traceback) and exit 1.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import LoraStudioError
+from .presets import PRESETS, preset_settings
 
 log = logging.getLogger("lora_trainer")
 
 # CLI flag -> config field, for the fields people change most.
+
+
 COMMON_FLAGS = {
     "base": ("model.base", str),
     "trigger": ("data.trigger", str),
@@ -36,6 +41,7 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder to write to (default: the folder of --config, or RUN)")
     for flag, (dotted, kind) in COMMON_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"sets {dotted}: {config_mod.field_info(dotted)['help']}")
+    p.add_argument("--preset", help="start from a preset's settings for the base: " + ", ".join(PRESETS) + " (flags and --set override it)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="set any config field, e.g. --set optim.lr_scheduler=cosine")
 
 
@@ -66,7 +72,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
         from .intake import ingest
 
         try:
-            report = ingest([args.images], run_dir / "dataset", resolution=args.resolution or cfg.data.resolution, trust_toml_paths=True)
+            from .models import native_resolution
+
+            resolution = args.resolution or cfg.data.resolution or native_resolution(args.base or cfg.model.base)
+            report = ingest([args.images], run_dir / "dataset", resolution=resolution, trust_toml_paths=True)
         except DatasetError as e:
             if e.report is not None:
                 print(e.report.format())
@@ -75,6 +84,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
         for dotted, value in report.config_overrides.items():
             cfg.set(dotted, value)
         cfg.set("data.images", "dataset")
+    if args.preset:  # exactly what the app's preset sets, for the base the flags name
+        for dotted, value in preset_settings(args.preset, args.base or cfg.model.base).items():
+            cfg.set(dotted, value)
     for flag, (dotted, _) in COMMON_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -93,7 +105,7 @@ def _setup_logging(run_dir: Path | None, main: bool) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3"):
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "httpx2", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -107,19 +119,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main = _is_main_process()
     if args.resume_from and main:
-        from .hub_checkpoints import fetch_checkpoint
+        from .hub.checkpoints import fetch_checkpoint
 
         # First, so the run's own config.toml (pushed with the checkpoint) is what the flags override.
         path = fetch_checkpoint(args.resume_from, _run_dir(args))
         print(f"fetched {path.name} from {args.resume_from}")
     run_dir, cfg = resolve_config(args)
     _setup_logging(run_dir, main)
-    if main:
-        from .checkpoints import check_resumable
+    if getattr(args, "on", "local") == "hf-jobs":
+        from .hub.jobcli import train_command
 
-        check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
-        config_mod.save(cfg, run_dir)
+        if main:
+            from .checkpoints import check_resumable
+
+            check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
+            config_mod.save(cfg, run_dir)
+        return train_command(run_dir, args)
     try:
+        if main:
+            from .checkpoints import check_resumable
+
+            check_resumable(run_dir, cfg)  # refuse before the run's config.toml is overwritten
+            config_mod.save(cfg, run_dir)
         from .train import train
 
         result = train(run_dir, cfg)
@@ -192,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LoRA (resumes if the run folder has a checkpoint)")
     _add_config_arguments(p)
     p.add_argument("--resume-from", help="hub:user/name: continue from the newest checkpoint pushed there")
+    from .hub.jobcli import add_job_arguments
+
+    add_job_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="validate the config and dataset and print the plan, without loading a model")
@@ -209,20 +233,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="LoRA off and on, side by side, same seed")
     p.add_argument("--out", default="generated.png")
     p.set_defaults(func=cmd_generate)
-    _add_optional_commands(sub)
+    _add_caption_and_push(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """caption and push live with their modules."""
-    from . import captioning, hub
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption a folder; LoraStudioError propagates for main() to print as one line."""
+    from .captioners import captioner_options, make_captioner
+    from .captioning import caption_folder
 
-    p = sub.add_parser("caption", help="caption a folder of images (BLIP) around a trigger word")
-    captioning.add_caption_arguments(p)
-    p.set_defaults(func=captioning.caption_command)
+    if args.detail is not None and args.model != "florence2":
+        raise LoraStudioError("--detail is Florence-2's caption task; use it with --model florence2")
+    if args.instruction is not None and args.model != "qwen-vl":
+        raise LoraStudioError("--instruction is what Qwen-VL is asked; use it with --model qwen-vl")
+    captioner = None
+    if args.style != "trigger":
+        options = captioner_options(args.model, detail=args.detail, instruction=args.instruction,
+                                    batch_size=args.batch_size)
+        captioner = make_captioner(args.model, args.weights, **options).load()  # fails before any file is written
+
+    def report_progress(done: int, total: int) -> None:
+        print(f"\rcaptioned {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    result = caption_folder(
+        args.folder, captioner, trigger=args.trigger, style=args.style, template=args.template, suffix=args.suffix,
+        overwrite=args.overwrite, batch_size=args.batch_size, progress=report_progress,
+    )
+    print(result.summary())
+    return 1 if result.failed else 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Publish a run: print the repo URL (progress on stderr)."""
+    from .hub import push_run
+
+    result = push_run(
+        args.run, args.repo, token=args.token, private=args.private, endpoint=args.endpoint,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    print(result.url)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a run's checkpoints: progress lines, then the table (the pick marked)."""
+    from .eval_report import table_text
+    from .evaluate import evaluate, settings_from
+
+    values = {}
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise config_mod.ConfigError(f"--set {assignment!r}: expected FIELD=VALUE")
+        values[key.strip().removeprefix("eval.")] = value
+    which = args.checkpoints[0] if args.checkpoints in (["all"], ["final"]) else args.checkpoints
+    data = evaluate(Path(args.run), settings_from(values), which, device=args.device,
+                    progress=lambda fraction, text: print(f"[{fraction:4.0%}] {text}", flush=True))
+    print(table_text(data))
+    return 0
+
+
+def _add_caption_and_push(sub) -> None:
+    from .captioners import CAPTIONERS, DETAILS, KINDS
+    from .captioning import DEFAULT_TEMPLATE, STYLES
+
+    p = sub.add_parser("caption", help="caption a folder of images (BLIP, Florence-2 or Qwen-VL) around a trigger word")
+    p.add_argument("folder", metavar="DIR", help="Dataset folder: images (recursively) get a same-named .txt caption.")
+    p.add_argument("--trigger", default="", help="Trigger word placed by --template (e.g. ohwx).")
+    p.add_argument("--style", choices=STYLES, default="sparse",
+                   help="sparse: subject only, style words stripped (style LoRAs); full: all the captioner says; "
+                        "trigger: the trigger word alone (no model).")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="Where the trigger goes: {trigger} and {caption}.")
+    p.add_argument("--suffix", default="", help="Appended to every caption, e.g. 'in the style of {trigger}'.")
+    p.add_argument("--overwrite", action="store_true", help="Replace existing captions (kept by default).")
+    p.add_argument("--model", choices=KINDS, default="blip",
+                   help="The captioner: " + "; ".join(f"{k}: {i.choose}" for k, i in CAPTIONERS.items()) + ".")
+    p.add_argument("--weights", default="", metavar="ID_OR_FOLDER",
+                   help="The captioner's Hub id or local folder; default: " +
+                        ", ".join(f"{i.model} ({k})" for k, i in CAPTIONERS.items()) + ".")
+    p.add_argument("--detail", choices=DETAILS, default=None,
+                   help="Florence-2's caption task: short (default), detailed or paragraph.")
+    p.add_argument("--instruction", default=None,
+                   help="Qwen-VL's instruction (default: the subject and content in one sentence, not the style).")
+    p.add_argument("--batch-size", type=int, default=8, help="Images captioned at once (lower it if memory runs out).")
+    p.set_defaults(func=cmd_caption)
+
     p = sub.add_parser("push", help="publish a run to the Hugging Face Hub")
-    hub.add_push_arguments(p)
-    p.set_defaults(func=hub.push_command)
+    p.add_argument("run", metavar="RUN", help="Run folder with a finished final/ LoRA.")
+    p.add_argument("--repo", required=True, help="Hub repo to publish to: user/name or org/name (created if missing).")
+    p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its visibility).")
+    # No default value here: a default would print the token in --help. It is read when pushing.
+    p.add_argument(
+        "--token", default=None,
+        help="Hub token with write access; default: the HF_TOKEN environment variable (safer than this flag, "
+        "which other users of the machine can see in the process list), then `hf auth login`'s token.",
+    )
+    p.add_argument("--endpoint", default=None, help="Hub URL; default: HF_ENDPOINT or https://huggingface.co.")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("evaluate", help="score every checkpoint (adherence, style, leak, validation loss) and pick one")
+    p.add_argument("run", metavar="RUN", help="run folder (with checkpoints/ and final/)")
+    p.add_argument("--checkpoints", nargs="+", default=["all"], metavar="all|final|STEP",
+                   help="which checkpoints to evaluate besides the base model (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an evaluation setting, e.g. --set seeds=4 --set clip_model=./my-clip")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.set_defaults(func=cmd_evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "attention+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# A Hugging Face Hub repo id, user/name or org/name (the Hub allows 96 characters a part).
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -59,9 +62,19 @@ class DataSection:
         nonempty=True,
     )
     trigger: str = _f("ohwx", "Trigger word: the caption of an image without one, and the token the LoRA learns.")
-    resolution: int = _f(512, "Training resolution in pixels (the side of a square bucket).", min=64, max=4096, multiple_of=8)
+    resolution: int = _f(
+        0,
+        "Training resolution in pixels (the side of a square bucket); 0 = the base model's native resolution "
+        "(512 for SD 1.5, 1024 for SDXL, 32 for builtin:toy). It must be a multiple of the base's bucket step.",
+        min=0, max=4096, multiple_of=8,
+    )
     buckets: bool = _f(True, "Aspect-ratio buckets: train each image near its own shape instead of a centre crop.")
-    bucket_step: int = _f(64, "Bucket sides are multiples of this many pixels.", min=8, max=256, multiple_of=8)
+    bucket_step: int = _f(
+        0,
+        "Bucket sides are multiples of this many pixels; 0 = the base model's own step (VAE x UNet downsampling: "
+        "64 for SD 1.5, 32 for SDXL, 8 for builtin:toy). A value that is not a multiple of it is raised to one.",
+        min=0, max=256, multiple_of=8,
+    )
     repeats: int = _f(1, "How many times each image is seen per epoch (multiplies a folder's own N_ repeats).", min=1, max=1000)
     flip: bool = _f(False, "Random horizontal flip (off for subjects with asymmetric features such as text or logos).")
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", min=0.0, max=1.0)
@@ -111,6 +124,12 @@ class OptimSection:
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=100.0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)
     seed: int = _f(42, "Random seed: same seed, same data and settings give the same LoRA on CPU.", min=0, max=2**31 - 1)
+    preservation_weight: float = _f(
+        0.0, "Output preservation: pull the LoRA's prediction for each caption without the trigger towards the base "
+        "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step).",
+        min=0.0, max=100.0,
+    )
+    preservation_class: str = _f("", "Word that replaces the trigger in the preservation captions (e.g. 'painting'); empty removes it.")
 
 
 @dataclass
@@ -132,6 +151,32 @@ class OutputSection:
 
 
 @dataclass
+class EvalSection:
+    """How checkpoints are evaluated (evaluate.py): metric models, prompts, seeds, and the recommendation rule."""
+
+    clip_model: str = _f("openai/clip-vit-base-patch32", "CLIP model for adherence and style: a Hub id or a local "
+                         "transformers folder; on builtin:toy the toy world's judge CLIP is used instead.", nonempty=True)
+    style_model: str = _f("clip", "Image features for style, leak, diversity and KID: clip, or dinov2.", choices=["clip", "dinov2"])
+    dino_model: str = _f("facebook/dinov2-small", "DINOv2 model (transformers Dinov2Model) when style_model = dinov2.")
+    prompts: list[str] = _f([], "Evaluation prompts without the trigger (not training captions). Empty = built-in ones.")
+    prompt_count: int = _f(4, "How many evaluation prompts when prompts is empty.", min=1, max=64)
+    seeds: int = _f(2, "Images per prompt (seeds seed, seed+1, ...); diversity needs at least 2.", min=1, max=16)
+    seed: int = _f(0, "First seed of the evaluation images and of the validation noise.", min=0, max=2**31 - 1)
+    steps: int = _f(20, "Denoising steps per evaluation image.", min=1, max=200)
+    guidance: float = _f(7.0, "Guidance scale of the evaluation images.", min=0.0, max=50.0)
+    strength: float = _f(1.0, "LoRA strength the checkpoints are evaluated at.", min=0.0, max=2.0)
+    validation_images: int = _f(4, "Training images in the fixed validation-loss set.", min=1, max=64)
+    validation_timesteps: int = _f(4, "Fixed timesteps per validation image.", min=1, max=32)
+    adherence_margin: float = _f(0.1, "A recommended checkpoint keeps its prompt adherence within this fraction of "
+                                 "the base model's (0.1 = at most 10% lower).", min=0.0, max=1.0)
+    leak_ratio: float = _f(0.5, "A recommended checkpoint's style without the trigger may rise by at most this "
+                           "fraction of its style gain with the trigger.", min=0.0, max=10.0)
+    kid_min_images: int = _f(50, "KID is computed only with at least this many training images.", min=2, max=100000)
+    after_training: str = _f("auto", "Evaluate every checkpoint when training ends: auto (on for builtin:toy and on a "
+                             "GPU), on, off.", choices=["auto", "on", "off"])
+
+
+@dataclass
 class TrainConfig:
     version: int = _f(CONFIG_VERSION, "Config format version.", choices=[CONFIG_VERSION])
     model: ModelSection = field(default_factory=ModelSection)
@@ -140,6 +185,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     output: OutputSection = field(default_factory=OutputSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     # -- conveniences -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -159,16 +205,19 @@ class TrainConfig:
             return list(self.lora.custom_targets)
         return list(TARGET_PRESETS[self.lora.targets])
 
+    def _default_sample_prompts(self) -> list[str]:
+        if self.model.base.strip() == "builtin:toy":  # its world has its own words: scenes, not portraits
+            from .toyworld import sample_prompts
+
+            return sample_prompts()
+        return ["{trigger}", "a portrait of a woman, {trigger}", "a house by a lake, {trigger}"]
+
     def sample_prompts(self) -> list[str]:
-        prompts = self.sampling.prompts or [
-            "{trigger}",
-            "a portrait of a woman, {trigger}",
-            "a house by a lake, {trigger}",
-        ]
+        prompts = self.sampling.prompts or self._default_sample_prompts()
         return [p.replace("{trigger}", self.data.trigger).strip(", ") for p in prompts]
 
 
-SECTIONS = ["model", "data", "lora", "optim", "sampling", "output"]
+SECTIONS = ["model", "data", "lora", "optim", "sampling", "output", "eval"]
 
 
 def _field_map(cls: type) -> dict[str, dataclasses.Field]:
@@ -236,8 +285,6 @@ def _coerce(dotted: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_rules(dotted: str, value: Any, meta: dict[str, Any]) -> list[str]:
-    import re
-
     errors = []
     if "choices" in meta and value not in meta["choices"]:
         errors.append(f"{dotted} = {value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
@@ -271,7 +318,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             errors += _check_rules(dotted, value, f.metadata)
     if cfg.lora.targets == "custom" and not cfg.lora.custom_targets:
         errors.append("lora.custom_targets must list at least one module name when lora.targets = 'custom'")
-    if cfg.output.push_checkpoints_to and cfg.output.push_checkpoints_to.count("/") != 1:
+    if "," in cfg.data.trigger:
+        errors.append(
+            f"data.trigger = {cfg.data.trigger!r} contains a comma: a trigger is one caption tag, and caption "
+            "shuffling and keep_tokens split tags at commas; use one word, e.g. 'ohwx'"
+        )
+    if cfg.output.push_checkpoints_to and not REPO_ID.match(cfg.output.push_checkpoints_to):
         errors.append(f"output.push_checkpoints_to = {cfg.output.push_checkpoints_to!r} must look like user/name")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,8 +1,8 @@
 """The training dataset: read a prepared folder, assign aspect-ratio buckets, plan the batches.
 
-The folder (written by intake.py, or by hand) holds images with same-named `.txt` captions;
-sub-folders named `N_name` (kohya layout) repeat their images N times per epoch. An image
-without a caption is captioned with the trigger word alone.
+The folder (written by intake, or by hand) holds images with same-named `.txt` captions, read by
+intake.captionfiles (the one caption reader); sub-folders named `N_name` (kohya layout) repeat
+their images N times per epoch. An image without a caption is captioned with the trigger word alone.
 
 The batch plan is a pure function of (items, seed, epoch): every epoch's order, every flip,
 is derived from the seed, so a resumed run sees exactly the batches an uninterrupted run
@@ -17,11 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DatasetError
-from .intake.captionfiles import iter_images
+from .errors import DatasetError, TrainingFailed
+from .intake.captionfiles import iter_images, read_caption_file
 from .intake.sources import MAX_REPEATS, REPEATS_RE
-
-CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 @dataclass
@@ -33,14 +31,6 @@ class Item:
     bucket: tuple[int, int] = (0, 0)  # training (width, height)
 
 
-def _caption_for(image: Path) -> str | None:
-    for suffix in CAPTION_SUFFIXES:
-        path = image.with_suffix(suffix)
-        if path.exists():
-            return path.read_text(encoding="utf-8", errors="replace").strip()
-    return None
-
-
 def _folder_repeats(image: Path, root: Path) -> int:
     repeats = 1
     for part in image.relative_to(root).parts[:-1]:
@@ -50,8 +40,11 @@ def _folder_repeats(image: Path, root: Path) -> int:
     return repeats
 
 
-def scan(folder: str | Path, trigger: str) -> list[Item]:
-    """Every image under `folder` with its caption and repeat count, in a stable order."""
+def scan(folder: str | Path, trigger: str, repeats: int = 1) -> list[Item]:
+    """Every image under `folder` with its caption and repeat count, in a stable order.
+
+    `repeats` (data.repeats) repeats every image, multiplying a kohya folder's own N_ count: like kohya's
+    num_repeats for the dataset, and N_ folders weigh their images against the rest as before."""
     from PIL import Image
 
     root = Path(folder)
@@ -66,19 +59,17 @@ def scan(folder: str | Path, trigger: str) -> list[Item]:
                     size = size[::-1]
         except Exception:  # noqa: BLE001 - intake reports bad files; the trainer just skips them
             continue
-        caption = _caption_for(path)
-        items.append(Item(path, caption if caption else trigger, _folder_repeats(path, root), size))
+        items.append(Item(path, read_caption_file(path) or trigger, _folder_repeats(path, root) * repeats, size))
     if not items:
         raise DatasetError(f"no usable images in {root}; add .png/.jpg/.webp images (with optional .txt captions)")
     return items
 
 
 # -- buckets -------------------------------------------------------------------------------------
-def bucket_step_for(base: str, bucket_step: int) -> int:
-    """`bucket_step` rounded up to what the model needs: latent sides must divide by the UNet's downsampling
-    (x64 pixels for SD / SDXL, x16 for the built-in tiny models)."""
-    multiple = 16 if base.strip().startswith("builtin:") else 64
-    return max(bucket_step, multiple) // multiple * multiple
+def bucket_step_for(model_step: int, bucket_step: int) -> int:
+    """The bucket step to train with: `bucket_step` (0 = the model's own) made a multiple of `model_step`, the
+    pixels per cell of the UNet's deepest level (models.Geometry.bucket_step): other sides would not line up."""
+    return max(bucket_step, model_step) // model_step * model_step
 
 
 def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -211,18 +202,30 @@ def batch_source(batches: Iterator[list[Sample]], items: list[Item], latent_cach
     loader = torch.utils.data.DataLoader(
         _PixelDataset(items), batch_sampler=batches, num_workers=num_workers, collate_fn=_collate_pixels
     )
-    for pixels, batch, crops in loader:
+    for pixels, batch, crops, problem in loader:
+        if problem:
+            raise TrainingFailed(
+                f"an image of the dataset can no longer be read: {problem}",
+                hint="put the image back, or remove it with its caption and start again (checkpoints are kept)",
+            )
         yield pixels, None, {"samples": batch, "top_left": crops}
 
 
 class _PixelDataset:
+    """Loads the plan's images; a file that cannot be read comes back as a message (also from a worker
+    process, where an exception would reach the trainer as a traceback)."""
+
     def __init__(self, items):
         self.items = items
 
     def __getitem__(self, sample):
         index, flip = sample
-        pixels, crop = load_pixels(self.items[index], flip)
-        return pixels, sample, crop
+        try:
+            pixels, crop = load_pixels(self.items[index], flip)
+        except Exception as e:  # noqa: BLE001 - deleted, moved or damaged since the run started
+            why = "it was deleted or moved" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {str(e)[:200]}"
+            return None, sample, None, f"{self.items[index].image} ({why})"
+        return pixels, sample, crop, None
 
     def __len__(self):
         return len(self.items)
@@ -231,4 +234,7 @@ class _PixelDataset:
 def _collate_pixels(rows):
     import torch
 
-    return torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows]
+    problems = [r[3] for r in rows if r[3]]
+    if problems:
+        return None, [r[1] for r in rows], None, problems[0]
+    return torch.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows], None

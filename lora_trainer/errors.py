@@ -25,3 +25,19 @@ class DatasetError(LoraStudioError):
     def __init__(self, message: str, report: object | None = None):
         super().__init__(message)
         self.report = report
+
+
+class TrainingFailed(LoraStudioError):
+    """Training could not go on (the loss became NaN, an image vanished, ...); `hint` says what to change."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
+class DiskFullError(LoraStudioError):
+    """The disk a run writes to has no room for what it must write; the message says where and how much."""
+
+    def __init__(self, message: str, hint: str = "free space on that disk (or set output.keep_checkpoints), then start again"):
+        super().__init__(message)
+        self.hint = hint

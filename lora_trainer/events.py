@@ -1,12 +1,15 @@
 """The events contract: the trainer appends one JSON object per line to `events.jsonl`.
 
 Types and their fields (every event also has `type` and `time`, seconds since the epoch):
-  started     step (0 or the resumed step), total_steps, base, kind (sd|sdxl), resumed (bool),
-              plan {images, buckets, epochs, steps_per_epoch, batch_size, ...}, device
+  started     step (0 or the resumed step), total_steps, base, kind (sd|sdxl), resumed (bool), resumed_from,
+              plan {images, repeats, buckets, epochs, steps_per_epoch, batch_size, cache_latents,
+              cache_text_embeddings, num_workers, gradient_checkpointing}, device, processes,
+              warnings [settings that train, probably not as meant]
   step        step, total_steps, loss, lr, sec_per_step, eta_seconds, memory {rss_gb, gpu_gb?}
   sample      step, images [paths relative to the run folder], prompts, seed
   checkpoint  step, path (relative to the run folder)
-  stopped     step, checkpoint (path)                 -- SIGTERM honoured, state saved
+  stopped     step, checkpoint (path, or null)       -- a stop request honoured: state saved; with
+              before_training: true it came while the model loaded (checkpoint: what a restart resumes)
   finished    step, final (path), files [paths]
   failed      step, error, hint                       -- the run cannot go on; `hint` says what to change
 
@@ -16,45 +19,55 @@ The UI only reads this file; `read_events` tolerates a half-written last line.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 EVENTS_FILENAME = "events.jsonl"
-EVENT_TYPES = ("started", "step", "sample", "checkpoint", "stopped", "finished", "failed")
+EVENT_TYPES = (
+    "started", "step", "validation", "sample", "checkpoint", "upload_pending", "evaluation", "stopped", "finished", "failed",
+)
+# With LORA_STUDIO_EVENTS_TO_STDOUT=1 each event is also printed as LOG_PREFIX + its JSON line: on
+# Hugging Face Jobs the log stream is how they reach the machine that follows the run (hub/jobs.py).
+ECHO_ENV, LOG_PREFIX = "LORA_STUDIO_EVENTS_TO_STDOUT", "@lora-studio-event "
+
+
+def make_event(type: str, /, **fields: Any) -> dict[str, Any]:
+    """An event of a known type, stamped with the time."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    return {"type": type, "time": round(time.time(), 3), **fields}
 
 
 class EventWriter:
-    """Appends events; a failure to write never takes training down (the run matters more)."""
+    """Appends events; a failure to write never takes training down (the run matters more).
+
+    Callable with an event, so it can be one of a recorder's listeners.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
-    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
-        if type not in EVENT_TYPES:
-            raise ValueError(f"unknown event type {type!r}")
-        event = {"type": type, "time": round(time.time(), 3), **fields}
-        try:
-            self._file.write(json.dumps(event, default=str) + "\n")
-            self._file.flush()
-        except OSError:
-            pass
+    def emit(self, type: str, /, **fields: Any) -> dict[str, Any]:
+        event = make_event(type, **fields)
+        self(event)
         return event
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, default=str) + "\n"
+        if os.environ.get(ECHO_ENV) == "1":
+            print(LOG_PREFIX + line, end="", flush=True)
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except (OSError, ValueError):  # ValueError: written after close
+            pass
 
     def close(self) -> None:
         self._file.close()
-
-
-class NullWriter:
-    """What non-main processes of a multi-process run write with: nothing."""
-
-    def emit(self, type: str, **fields: Any) -> dict[str, Any]:
-        return {"type": type, **fields}
-
-    def close(self) -> None:
-        pass
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
@@ -81,6 +94,17 @@ def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]]
         if isinstance(event, dict) and "type" in event:
             events.append(event)
     return events, offset + end + 1
+
+
+def smooth_losses(values: list[float]) -> list[float]:
+    """The smoothed loss curve the app and the model card draw: a debiased exponential moving average
+    (TensorBoard's), whose window grows with the run so a short run is not flattened."""
+    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i) if weight else v)
+    return out
 
 
 def last_event(path: str | Path, *types: str) -> dict[str, Any] | None:

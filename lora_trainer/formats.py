@@ -144,8 +144,13 @@ def save_lora(
     return [dest / DIFFUSERS_FILENAME, kohya_path, dest / INFO_FILENAME]
 
 
-def read_kohya_metadata(path: str | Path) -> dict[str, str]:
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file, read by safetensors from the header alone; {} when the
+    file is missing or not a readable .safetensors file (callers use it for descriptions, never to decide)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), "np") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - SafetensorError, OSError: a damaged file simply has no metadata
+        return {}

@@ -1,11 +1,50 @@
-"""Atomic file writes: a kill never leaves a half-written file or folder behind."""
+"""Atomic file writes: a kill never leaves a half-written file or folder behind.
+
+A full disk is told as such (`DiskFullError`: where, and how much is free), never as a raw
+OSError, and what was half-written is removed.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import DiskFullError
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# What torch's zip writer says when a write comes up short (it raises RuntimeError, not OSError).
+_SHORT_WRITE = ("unexpected pos", "file write failed", "no space left")
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the disk holding `path` (or its nearest existing parent)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _SHORT_WRITE)
+
+
+def disk_full_error(path: str | Path, needed: int | None = None) -> DiskFullError:
+    need = f"; about {needed / 2**20:.0f} MB is needed" if needed else ""
+    return DiskFullError(f"the disk holding {path} is full ({free_bytes(path) / 2**20:.0f} MB free{need})")
+
+
+def ensure_free(path: str | Path, needed: int, what: str) -> None:
+    """Refuse before writing `what` (about `needed` bytes) where the disk cannot hold it."""
+    free = free_bytes(path)
+    if free < needed:
+        raise DiskFullError(
+            f"the disk holding {path} is too full for {what}: {free / 2**20:.0f} MB free, about {needed / 2**20:.0f} MB needed"
+        )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -18,8 +57,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path.parent, len(data)) from None
         raise
     return path
 
@@ -47,3 +88,44 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> Path:
     os.replace(tmp_dir, final_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final_dir
+
+
+def write_dir(final_dir: Path, write, needed: int = 0) -> Path:
+    """Write a folder atomically: `write(tmp)` fills a temp folder next to `final_dir`, which then replaces it.
+
+    On any failure the temp folder is removed (a full disk raises DiskFullError naming the disk).
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".tmp-{final_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        return replace_dir(tmp, final_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(final_dir.parent, needed) from None
+        raise
+
+
+def remove_partial_dirs(folder: Path) -> list[Path]:
+    """Clean up after a writer killed mid-way in `folder`: `.tmp-*` folders are removed; a `.NAME.old` whose
+    NAME is missing (killed between replace_dir's two renames) is the only complete copy, so it is put back."""
+    if not Path(folder).is_dir():
+        return []
+    cleaned = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(".") and path.name.endswith(".old"):
+            final = path.with_name(path.name[1:-4])
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, final)
+        else:
+            continue
+        cleaned.append(path)
+    return cleaned

@@ -3,6 +3,10 @@
 A LoRA is a `.safetensors` file in either format (diffusers/peft or kohya; diffusers' loader
 tells them apart), a folder holding `pytorch_lora_weights.safetensors`, or a run folder (its
 `final/`). Strength 0 gives exactly the base model's image.
+
+One LoRA at one strength is fused into the base weights (no LoRA layers to run each step); it is
+unfused before anything else is applied. On a GPU the memory options (VAE tiling, model CPU
+offload, attention slicing) are chosen from the memory free and the model's measured needs.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +27,72 @@ log = logging.getLogger(__name__)
 _PIPELINES: dict[tuple[str, str], object] = {}
 _RECENT: dict[tuple[str, str], list[str]] = {}  # per pipeline: adapter names, least recently used first
 MAX_LOADED_LORAS = 8  # per pipeline; the least recently used ones beyond this are unloaded
+_FUSED: dict[tuple[str, str], tuple[str, float]] = {}  # per pipeline: the (adapter, strength) fused into its weights
+_OPTIONS: dict[tuple[str, str], MemoryOptions] = {}
 _LOCK = threading.Lock()  # one generation at a time per pipeline (diffusers pipelines are not re-entrant)
+INFERENCE_HEADROOM = 0.9  # of the free GPU memory: the allocator's slack and other processes
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How a pipeline saves GPU memory; the default (all off) is the fastest."""
+
+    vae_tiling: bool = False  # decode (and encode) in overlapping tiles: flat memory at any image size
+    cpu_offload: bool = False  # keep each model in RAM until it runs (accelerate's model offload)
+    attention_slicing: bool = False  # heads in slices; only where fused attention (SDPA) is missing
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferenceNeed:
+    """Bytes one image needs on the GPU: weights per model and the peaks above them (simulate.py)."""
+
+    unet: int
+    text_encoders: int
+    vae: int
+    denoise: int  # UNet step with classifier-free guidance (batch 2)
+    decode: int
+    decode_tiled: int
+
+    @property
+    def weights(self) -> int:
+        return self.unet + self.text_encoders + self.vae
+
+
+def choose_memory_options(need: InferenceNeed | None, free_bytes: int | None, *, fused_attention: bool = True) -> MemoryOptions:
+    """The fastest options whose peak fits `free_bytes`; none without a GPU (need or free_bytes None)."""
+    if need is None or free_bytes is None:
+        return MemoryOptions(reasons=("no GPU: nothing to save",))
+    budget = int(free_bytes * INFERENCE_HEADROOM)
+    full = need.weights + max(need.denoise, need.decode)
+    if full <= budget:
+        return MemoryOptions(reasons=(f"everything fits ({full / 2**30:.2f} of {budget / 2**30:.2f} GiB)",))
+    tiled = need.weights + max(need.denoise, need.decode_tiled)
+    if tiled <= budget:
+        return MemoryOptions(vae_tiling=True, reasons=(f"VAE tiling: a full decode would need {full / 2**30:.2f} GiB",))
+    offloaded = max(need.unet + need.denoise, need.vae + need.decode_tiled, need.text_encoders)
+    reasons = [f"model CPU offload: all models together need {tiled / 2**30:.2f} GiB, one at a time {offloaded / 2**30:.2f}"]
+    slicing = not fused_attention
+    if slicing:
+        reasons.append("attention slicing: no fused attention on this setup")
+    elif offloaded > budget:
+        reasons.append(f"even one model at a time needs {offloaded / 2**30:.2f} GiB; expect out-of-memory at this size")
+    return MemoryOptions(vae_tiling=True, cpu_offload=True, attention_slicing=slicing, reasons=tuple(reasons))
+
+
+def inference_need(spec: str, size: int) -> InferenceNeed:
+    """What generating one `size` x `size` image with `spec` needs in fp16, from its configs (no weights)."""
+    from .memory import architecture
+    from .memory.simulate import inference_peak
+
+    arch = architecture(spec)
+    unet, vae = arch.components["unet"], arch.components["vae"]
+    return InferenceNeed(
+        unet=2 * unet.params, text_encoders=2 * sum(t.params for t in arch.text_encoders), vae=2 * vae.params,
+        denoise=inference_peak("unet", unet.config, 2, size, size, "fp16", "denoise"),
+        decode=inference_peak("vae", vae.config, 1, size, size, "fp16", "decode"),
+        decode_tiled=inference_peak("vae", vae.config, 1, size, size, "fp16", "decode", tiling=True),
+    )
 
 
 @dataclass(frozen=True)
@@ -73,28 +143,55 @@ class Generator:
 
         self.base = models.resolve(base)
         self.device = device or default_device()
-        key = (self.base.spec, self.device)
+        self.key = key = (self.base.spec, self.device)
+        self.default_size = models.geometry(self.base).default_resolution  # the base's native size
         with _LOCK:
             if key not in _PIPELINES:
                 dtype = torch.float16 if self.device == "cuda" else torch.float32
-                _PIPELINES[key] = models.load_pipeline(self.base, dtype).to(self.device)
+                pipe = models.load_pipeline(self.base, dtype)
+                options = self._memory_options(self.default_size)
+                if options.cpu_offload:
+                    pipe.enable_model_cpu_offload()
+                else:
+                    pipe.to(self.device)
+                if options.attention_slicing:
+                    pipe.enable_attention_slicing()
+                _PIPELINES[key], _OPTIONS[key] = pipe, options
+                if options.reasons:
+                    log.info("generation memory: %s", "; ".join(options.reasons))
         self.pipe = _PIPELINES[key]
         self._recent = _RECENT.setdefault(key, [])
-        if self.base.is_builtin:
-            from .tiny import TINY_RESOLUTION
 
-            self.default_size = TINY_RESOLUTION
+    def _memory_options(self, size: int) -> MemoryOptions:
+        if not self.device.startswith("cuda"):
+            return MemoryOptions()
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        loaded = _OPTIONS.get(self.key)
+        if loaded is not None and not loaded.cpu_offload:
+            free += 2 * sum(p.numel() for m in _models(_PIPELINES[self.key]) for p in m.parameters())  # ours
+        return choose_memory_options(inference_need(self.base.spec, size), free)
+
+    def _set_vae_tiling(self, size: int) -> None:
+        """Tile the decode when a larger image than planned for would not fit (cheap to switch)."""
+        if not self.device.startswith("cuda"):
+            return
+        tiling = self._memory_options(size).vae_tiling if size > self.default_size else _OPTIONS[self.key].vae_tiling
+        if tiling:
+            self.pipe.vae.enable_tiling()
         else:
-            self.default_size = 1024 if self.base.kind == "sdxl" else 512
+            self.pipe.vae.disable_tiling()
 
     def _adapter_name(self, path: Path) -> str:
         stat = path.stat()
         return "lora_" + hashlib.sha1(f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:12]
 
     def _apply(self, loras: list[LoraSpec]) -> None:
-        """Load any LoRA not yet loaded, then activate exactly these at their strengths."""
+        """Load any LoRA not yet loaded, then activate exactly these at their strengths (one alone: fused)."""
         active = [lora for lora in loras if lora.path]
         if not active:
+            self._unfuse()
             if self.pipe.get_list_adapters():
                 self.pipe.disable_lora()
             return
@@ -112,11 +209,24 @@ class Generator:
                         f"{str(e).splitlines()[0][:200]}. Use a LoRA trained on the same model family"
                     ) from None
             names.append(name)
+        fuse = (names[0], active[0].strength) if len(active) == 1 else None
+        if _FUSED.get(self.key) == fuse:
+            return  # already fused into the weights
+        self._unfuse()
         self._forget_old_adapters(keep=set(names))
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=[lora.strength for lora in active])
-        for module in (self.pipe.unet, *models.text_encoders(self.pipe)):
+        for module in _models(self.pipe):
             module.eval()  # freshly loaded LoRA layers start in training mode: their dropout would be live
+        if fuse is not None:
+            # Merged into the base weights, the LoRA costs nothing per step; its layers stay loaded (and skip).
+            self.pipe.fuse_lora(components=_lora_components(self.pipe), lora_scale=1.0, adapter_names=[fuse[0]])
+            _FUSED[self.key] = fuse
+
+    def _unfuse(self) -> None:
+        if self.key in _FUSED:
+            self.pipe.unfuse_lora(components=_lora_components(self.pipe))
+            del _FUSED[self.key]
 
     def _forget_old_adapters(self, keep: set[str]) -> None:
         """Unload the least recently used LoRAs beyond MAX_LOADED_LORAS (a checkpoint grid loads many)."""
@@ -137,10 +247,21 @@ class Generator:
         size = size or self.default_size
         with _LOCK:
             self._apply(loras or [])
+            self._set_vae_tiling(size)
             return self.pipe(
                 prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance,
                 height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed),
             ).images[0]
+
+    @contextmanager
+    def using(self, loras: list[LoraSpec]):
+        """Exactly these LoRAs active on `self.pipe` while the block runs its models directly (evaluation).
+
+        Holds the pipeline's lock: don't call generate() inside the block.
+        """
+        with _LOCK:
+            self._apply(loras)
+            yield self.pipe
 
     def compare(self, prompt: str, loras: list[LoraSpec], **kwargs):
         """LoRA off and on, same seed, side by side."""
@@ -158,6 +279,14 @@ class Generator:
             raise LoraStudioError(f"{run_dir} has no checkpoints yet; train first (checkpoints are saved every output.save_every steps)")
         rows = [[self.generate(p, [LoraSpec(str(a / DIFFUSERS_FILENAME), strength)], **kwargs) for p in prompts] for a in adapters]
         return grid(rows), [a.name for a in adapters]
+
+
+def _models(pipe) -> list:
+    return [pipe.unet, *models.text_encoders(pipe)]
+
+
+def _lora_components(pipe) -> list[str]:
+    return [name for name in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
 
 
 def grid(rows: list[list]):

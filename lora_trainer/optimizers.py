@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from .errors import ConfigError
-
-log = logging.getLogger("lora_trainer.optimizers")
 
 
 def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float, device):
@@ -27,7 +23,5 @@ def make_optimizer(name: str, params: list[dict], lr: float, weight_decay: float
             from prodigyopt import Prodigy
         except ImportError:
             raise ConfigError("optim.optimizer = 'prodigy' needs prodigyopt: pip install prodigyopt") from None
-        if lr < 0.1:
-            log.warning("Prodigy adapts its own step size: optim.learning_rate is a multiplier, usually 1.0 (now %g)", lr)
         return Prodigy(params, lr=lr, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True)
     raise ConfigError(f"unknown optimizer {name!r}")

@@ -15,17 +15,13 @@ from typing import Any
 
 from . import dataset as ds
 from .config import TrainConfig
-from .tiny import TINY_MODELS
+from .plan import RunPlan, plan_run
 
 # Rough seconds per optimizer step at batch size 1, measured on the tiny model on 2 CPU cores and
 # taken from common reports for real models on a 24 GB GPU (A10G-class) at their native resolution.
 TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS = 0.04, 0.02
 GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
 GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
-KNOWN_KINDS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "runwayml/stable-diffusion-v1-5": "sd",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", **TINY_MODELS,
-}
 
 
 def gpu_present() -> bool:
@@ -36,30 +32,15 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
 
 
-def guess_kind(base: str) -> str:
-    """'sd' or 'sdxl' without downloading anything: known ids, local models, else a guess by name."""
-    base = (base or "").strip()
-    if base in KNOWN_KINDS:
-        return KNOWN_KINDS[base]
-    if Path(base).expanduser().exists():
-        from .models import resolve
-
-        try:
-            return resolve(base).kind
-        except Exception:  # noqa: BLE001 - an unreadable model is reported when training starts
-            pass
-    return "sdxl" if "xl" in base.lower() else "sd"
-
-
-def estimate_seconds(cfg: TrainConfig, total_steps: int, gpu: bool) -> float | None:
+def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
     """A rough duration of the run, or None where it would take days (a real model without a GPU)."""
-    kind = guess_kind(cfg.model.base)
-    if cfg.model.base in TINY_MODELS:
+    total_steps = run.total_steps
+    if run.base.is_builtin:  # the toy base is not measured yet: the tiny model's figures stand in
         per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10.0
     elif gpu:
-        seconds, native = GPU_STEP_SECONDS[kind]
-        per_step = seconds * (cfg.data.resolution / native) ** 2
-        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[kind], 60.0
+        seconds, native = GPU_STEP_SECONDS[run.base.kind]
+        per_step = seconds * (run.resolution / native) ** 2
+        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[run.base.kind], 60.0
     else:
         return None
     per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
@@ -94,6 +75,7 @@ class Preflight:
     estimate_seconds: float | None
     small: list[str] = field(default_factory=list)
     resolution: int = 0
+    warnings: list[str] = field(default_factory=list)  # settings that train, probably not as meant
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +83,7 @@ class Preflight:
             "per_epoch": self.per_epoch, "captioned": self.captioned, "buckets": [list(b) for b in self.buckets],
             "total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch, "epochs": self.plan.epochs,
             "processes": self.processes, "estimate_seconds": self.estimate_seconds, "small_images": self.small,
+            "resolution": self.resolution, "warnings": self.warnings,
         }
 
     def format(self, images_label: str | None = None) -> str:
@@ -118,6 +101,7 @@ class Preflight:
             lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (rough: it depends on the hardware)")
         else:
             lines.append("estimated time: days without a GPU; real models need one (builtin:tiny-sd runs anywhere)")
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.small:
             lines.append(
                 f"warning: {len(self.small)} image(s) are smaller than {self.resolution} px and will be upscaled: "
@@ -128,19 +112,16 @@ class Preflight:
 
 def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", processes: int | None = None,
               gpu: bool | None = None) -> Preflight:
-    """Scan the dataset and plan the run exactly as the trainer will; raises DatasetError if it can't train."""
+    """Scan the dataset and plan the run exactly as the trainer will (`plan_run`); raises DatasetError if it can't train."""
+    run = plan_run(cfg, run_dir, processes)
     data = cfg.data
-    images_dir = Path(data.images) if Path(data.images).is_absolute() else Path(run_dir) / data.images
-    items = ds.scan(images_dir, data.trigger)
-    used = ds.assign_buckets(items, data.resolution, ds.bucket_step_for(cfg.model.base, data.bucket_step), data.buckets)
-    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
-    plan = ds.make_plan(items, cfg.optim.batch_size, cfg.optim.gradient_accumulation, processes, cfg.optim.steps, cfg.optim.epochs)
     return Preflight(
-        config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=images_dir,
-        images=len(items), per_epoch=sum(i.repeats for i in items),
-        captioned=sum(1 for i in items if i.caption != data.trigger), trigger=data.trigger,
-        buckets=[(w, h, sum(1 for i in items if i.bucket == (w, h))) for w, h in used], plan=plan, processes=processes,
+        config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=run.images_dir,
+        images=len(run.items), per_epoch=run.per_epoch,
+        captioned=sum(1 for i in run.items if i.caption != data.trigger), trigger=data.trigger,
+        buckets=run.bucket_counts(), plan=run.batches, processes=run.processes,
         batch_size=cfg.optim.batch_size, accumulation=cfg.optim.gradient_accumulation,
-        estimate_seconds=estimate_seconds(cfg, plan.total_steps, gpu_present() if gpu is None else gpu),
-        small=[i.image.name for i in items if min(i.size) < data.resolution], resolution=data.resolution,
+        estimate_seconds=estimate_seconds(cfg, run, gpu_present() if gpu is None else gpu),
+        small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
+        warnings=run.warnings,
     )

@@ -24,6 +24,11 @@ from .errors import ModelLoadError
 TINY_MODELS = {"builtin:tiny-sd": "sd", "builtin:tiny-sdxl": "sdxl"}
 TINY_VERSION = 1  # bump when a config below changes, so caches rebuild
 TINY_RESOLUTION = 64  # what the tiny models are meant to train and sample at
+_VAE_BLOCKS = (8, 16, 16, 16)  # four blocks: an 8x downsampling VAE, like the real one
+_UNET_BLOCKS = (32, 64)  # two blocks: the UNet halves the latent once
+# Pixels per UNet-downsampled latent cell: bucket sides must be multiples of it (models.geometry derives
+# the same from the saved configs; this copy lets the UI know it without building the model).
+TINY_BUCKET_STEP = 2 ** (len(_VAE_BLOCKS) - 1) * 2 ** (len(_UNET_BLOCKS) - 1)
 
 _CORPUS = """
 a an the of in on at with and or by for to from photo photograph picture image painting drawing
@@ -52,11 +57,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def build_tokenizer_files(num_merges: int = 600) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocab and merges of a CLIP BPE tokenizer learned from the built-in word list."""
+def build_tokenizer_files(
+    num_merges: int = 600, extra_words: tuple[str, ...] = ()
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab and merges of a CLIP BPE tokenizer learned from the built-in word list (and `extra_words`)."""
     chars = list(_bytes_to_unicode().values())
     vocab_tokens = chars + [c + "</w>" for c in chars]
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in _CORPUS)
+    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in [*_CORPUS, *extra_words])
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter = Counter()
@@ -120,8 +127,8 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
     bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16),  # four blocks: an 8x downsampling VAE, like the real one
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=_VAE_BLOCKS,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCKS), up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCKS),
         sample_size=TINY_RESOLUTION,
     )
     scheduler = EulerDiscreteScheduler(
@@ -129,8 +136,8 @@ def build_tiny_pipeline(kind: str, seed: int = 0):
         timestep_spacing="leading", steps_offset=1,
     )
     unet_common = dict(
-        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=(2, 4),
+        sample_size=TINY_RESOLUTION // 2 ** (len(_VAE_BLOCKS) - 1), in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=_UNET_BLOCKS, norm_num_groups=8, attention_head_dim=(2, 4),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     if kind == "sd":

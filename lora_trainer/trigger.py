@@ -80,7 +80,10 @@ class TriggerAnalysis:
 
 def caption_length(caption: str, tokenizer, image: Path | None = None) -> CaptionLength:
     tokens = tokenizer.tokenize(caption)
-    overflow = tokenizer.convert_tokens_to_string(tokens[CAPTION_TOKEN_LIMIT:]).strip()
+    overflow = ""
+    if len(tokens) > CAPTION_TOKEN_LIMIT:  # the caption's own words from the first token cut (CLIP's BPE pieces read badly)
+        offsets = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        overflow = caption[offsets[CAPTION_TOKEN_LIMIT][0]:].strip()
     return CaptionLength(caption, len(tokens), CAPTION_TOKEN_LIMIT, overflow, image)
 
 

@@ -30,6 +30,52 @@ def make_images(folder: Path, count: int = 4, *, captions: bool = True, sizes=((
     return folder
 
 
+# The geometry-relevant parts of the published SD 1.5 / SDXL configs: enough to resolve and plan, no weights.
+PUBLISHED_CONFIGS = {
+    "sd": ("StableDiffusionPipeline", {"block_out_channels": [128, 256, 512, 512]},
+           {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "sample_size": 64}),
+    "sdxl": ("StableDiffusionXLPipeline", {"block_out_channels": [128, 256, 512, 512]},
+             {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "sample_size": 128}),
+}
+
+
+def config_only_model(folder: Path, kind: str) -> Path:
+    """A diffusers folder with the configs of a real SD 1.5 / SDXL and no weights: plans, never loads."""
+    import json
+
+    name, vae, unet = PUBLISHED_CONFIGS[kind]
+    for sub, config in (("vae", vae), ("unet", unet)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "vae": ["diffusers", "AutoencoderKL"]}))
+    return folder
+
+
+def make_32px_model(folder):
+    """A real diffusers SD folder whose VAE has 2 blocks (x2) and UNet 3 (x4): an 8 px step, 32 px native."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from lora_trainer.tiny import build_tiny_pipeline
+
+    torch.manual_seed(0)
+    tiny = build_tiny_pipeline("sd")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32), norm_num_groups=8,
+        attention_head_dim=4, cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=unet, scheduler=tiny.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     return make_images(tmp_path / "images")

@@ -7,7 +7,15 @@ hf_hub_download (HEAD and GET on /resolve/), so tests drive the real client agai
 
 Tokens: WRITE_TOKEN (user alice, member of alice-org with the write role and of viewers-org with
 the read role), READ_TOKEN (alice, read-only) and FINE_GRAINED_TOKEN (alice, may write to her own
-namespace only). Any other token gets 401. `fail_next` makes the next requests answer 503.
+namespace only). Any other token gets 401. `fail_next` makes the next requests answer 503;
+`hang_next` makes the server read the next requests and never answer them (until it shuts down).
+
+Jobs: create (POST /api/jobs/{ns}), inspect, the SSE log stream, cancel and the hardware list, as
+huggingface_hub's run_job / inspect_job / fetch_job_logs / cancel_job / list_jobs_hardware call them.
+A job runs its command here as a subprocess with the job's environment and secrets, in a folder of
+its own; the command's bootstrap (`bash -c SCRIPT NAME python ...`: pip installs, code download) is
+skipped and `python ...` runs with this checkout on PYTHONPATH. Only tokens in `job_tokens` may run
+jobs (others: 403); `payment_required` answers 402; `kill_job` kills a job outright.
 """
 
 from __future__ import annotations
@@ -16,18 +24,21 @@ import base64
 import hashlib
 import json
 import re
+import shutil
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from fake_hub_jobs import HubHTTPError, Job, JobEndpointsMixin, JobsMixin
+
 WRITE_TOKEN = "hf_fakeWRITEtokenForAlice0123456789"
 READ_TOKEN = "hf_fakeREADtokenForAlice0123456789"
 FINE_GRAINED_TOKEN = "hf_fakeFINEtokenForAlice0123456789"
 WRITE_ORG_ROLES = ("admin", "write", "contributor")
-
-
 def _identity(role: str, scoped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A whoami-v2 answer for alice with a token of the given role."""
     access: dict[str, Any] = {"displayName": f"{role}-token", "role": role}
@@ -62,7 +73,7 @@ class Repo:
         return self.commits[-1]
 
 
-class FakeHub:
+class FakeHub(JobsMixin):
     """The server and its state: `repos`, `requests` (method, path) seen, and the failure switch."""
 
     def __init__(self) -> None:
@@ -76,6 +87,14 @@ class FakeHub:
         }
         self.requests: list[tuple[str, str]] = []
         self._failures: list[list[Any]] = []  # [remaining, status, path substring]
+        self._hangs: list[list[Any]] = []  # [remaining, path substring]
+        self.hung: list[str] = []  # paths of the requests left without an answer
+        self._released = threading.Event()  # set on shutdown: hung requests end (unanswered)
+        self.jobs: dict[str, Job] = {}
+        self.job_tokens = {WRITE_TOKEN}  # tokens with the Jobs permission
+        self.payment_required = False
+        self.job_env: dict[str, str] = {}  # extra environment for every job process (test knobs)
+        self._jobs_dir = tempfile.mkdtemp(prefix="fake-hub-jobs-")
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -93,13 +112,40 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._released.set()
+        for job in list(self.jobs.values()):
+            self.kill_job(job.id, message="the fake Hub shut down")
         self._server.shutdown()
         self._server.server_close()
+        shutil.rmtree(self._jobs_dir, ignore_errors=True)
 
     def fail_next(self, count: int, status: int = 503, path_contains: str = "") -> None:
         """Answer the next `count` requests whose path contains `path_contains` with `status`."""
         with self._lock:
             self._failures.append([count, status, path_contains])
+
+    def hang_next(self, count: int, path_contains: str = "") -> None:
+        """Read the next `count` requests whose path contains `path_contains`, and never answer them."""
+        with self._lock:
+            self._hangs.append([count, path_contains])
+
+    def answer_again(self) -> None:
+        """Answer every request normally from now on (requests already hung stay unanswered)."""
+        with self._lock:
+            self._hangs.clear()
+            self._failures.clear()
+
+    def take_hang(self, path: str) -> bool:
+        with self._lock:
+            for hang in self._hangs:
+                if hang[0] > 0 and hang[1] in path:
+                    hang[0] -= 1
+                    self.hung.append(path)
+                    return True
+        return False
+
+    def wait_released(self) -> None:
+        self._released.wait()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> Repo:
         """Seed a repo as if someone else had pushed it."""
@@ -140,6 +186,11 @@ class FakeHub:
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 ROUTES = [
+    ("GET", re.compile(r"/api/jobs/hardware"), "jobs_hardware"),
+    ("POST", re.compile(r"/api/jobs/(?P<ns>[^/]+)"), "create_job"),
+    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)"), "inspect_job"),
+    ("GET", re.compile(r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/logs"), "job_logs"),
+    ("POST", re.compile(r"/api/jobs/(?P<ns>[^/]+)/(?P<job_id>[^/]+)/cancel"), "cancel_job"),
     ("GET", re.compile(r"/api/whoami-v2"), "whoami"),
     ("POST", re.compile(r"/api/repos/create"), "create_repo"),
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
@@ -152,13 +203,7 @@ ROUTES = [
 ]
 
 
-class HubHTTPError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.headers = status, code, headers or {}
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JobEndpointsMixin, BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
     timeout = 10  # close idle keep-alive connections
@@ -182,6 +227,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.hub.requests.append((method, url.path))
+        if self.hub.take_hang(url.path):
+            self.hub.wait_released()  # the request was accepted (its body read); no answer ever comes
+            self.close_connection = True
+            return None
         if (status := self.hub.take_failure(url.path)) is not None:
             return self._send(status, {"error": "Service temporarily unavailable (fake hub)"})
         try:
@@ -313,3 +362,42 @@ class _Handler(BaseHTTPRequestHandler):
         data = stored.files[path]
         headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
         self._send(200, data, headers)
+
+
+def wait_following_progress(proc, progress, idle_limit: float = 90.0, poll: float = 0.2) -> int:
+    """Wait for `proc` to exit while `progress()` keeps changing; kill it and fail if it stalls.
+
+    `progress` returns anything comparable (request counts, file sizes): a process that changes
+    nothing for `idle_limit` seconds is hung, however loaded the machine is otherwise.
+    """
+
+    last, since = progress(), time.monotonic()
+    while proc.poll() is None:
+        time.sleep(poll)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > idle_limit:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the process made no progress for {idle_limit:g} s (last: {last!r}): it hangs")
+    return proc.returncode
+
+
+class Until:
+    """A stand-in for a process, 'exited' once `condition()` holds: `wait_following_progress(Until(...), ...)`
+    waits for a condition while progress is made, and fails instead of hanging when it stalls."""
+
+    def __init__(self, condition):
+        self.condition, self.returncode = condition, None
+
+    def poll(self):
+        if self.returncode is None and self.condition():
+            self.returncode = 0
+        return self.returncode
+
+    def kill(self) -> None:
+        pass
+
+    def wait(self):
+        return self.returncode

@@ -68,7 +68,7 @@ def serve(mp: pytest.MonkeyPatch, workspace: Path, hub_url: str, hf_home: Path, 
     """Launch the app in this process on a free port: no GPU, the given Hub, no token on this machine."""
     import huggingface_hub
 
-    from lora_trainer import hub as hub_mod
+    from lora_trainer.hub import client as hub_mod
 
     mp.setenv("LORA_STUDIO_WORKSPACE", str(workspace))
     mp.setenv("LORA_STUDIO_GPU", "0")
@@ -595,7 +595,7 @@ def test_the_ui_imports_no_torch_diffusers_or_transformers_at_startup(tmp_path):
 def test_a_run_continues_from_checkpoints_pushed_to_the_hub_in_a_fresh_session(trained, hub, url, workspace, tmp_path, monkeypatch):
     from lora_trainer.checkpoints import latest_checkpoint
     from lora_trainer.events import read_events
-    from lora_trainer.hub_checkpoints import push_checkpoint
+    from lora_trainer.hub.checkpoints import push_checkpoint
 
     _, _, run = trained
     push_checkpoint(run, latest_checkpoint(run), "alice/stripes-ckpts", token=WRITE_TOKEN, endpoint=hub.url)

@@ -1,7 +1,9 @@
-"""Captioning: the real BLIP classes on a tiny random BLIP, caption files, bulk edits, tokenizer checks.
+"""Captioning a folder: caption files, styles, templates, stopping, bulk edits, tokenizer checks, the CLI.
 
-Nothing downloads: the BLIP is built from a config with a vocabulary written to tmp, the CLIP
-tokenizer is the built-in tiny one, and the Hub is switched to offline mode.
+The captioners themselves are tested in test_captioners.py.
+
+Nothing downloads: the captioners are built from configs with tokenizers written to tmp (tiny_captioners.py),
+the CLIP tokenizer is the built-in tiny one, and the Hub is switched to offline mode.
 """
 
 from __future__ import annotations
@@ -10,27 +12,17 @@ import argparse
 
 import huggingface_hub.constants
 import pytest
-import torch
 from badinputs import noise
 from PIL import Image
-from transformers import (
-    BertTokenizer,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipProcessor,
-    BlipTextConfig,
-    BlipVisionConfig,
-    CLIPTokenizer,
-)
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from tiny_captioners import build_tiny_blip, build_tiny_florence2, build_tiny_qwen_vl
+from transformers import CLIPTokenizer
 
+from lora_trainer import captioners, cli
 from lora_trainer.captioning import (
     BlipCaptioner,
-    add_caption_arguments,
     append_to_captions,
-    caption_command,
     caption_folder,
-    clean_blip,
+    clean_generated,
     compose_caption,
     prepend_to_captions,
     replace_in_captions,
@@ -40,9 +32,6 @@ from lora_trainer.errors import DatasetError, LoraStudioError, ModelLoadError
 from lora_trainer.intake import scan_captions, write_caption
 from lora_trainer.tiny import tiny_model_path
 from lora_trainer.trigger import CAPTION_TOKEN_LIMIT, analyse_trigger, caption_length, check_caption_lengths
-
-VOCAB = "[PAD] [UNK] [CLS] [SEP] [MASK] a an the of in on with and cat dog woman man red blue sitting standing table " \
-        "painting drawing photo tree house sky".split()
 
 
 @pytest.fixture(autouse=True)
@@ -55,21 +44,22 @@ def offline(monkeypatch):
 def tiny_blip(tmp_path_factory):
     """A randomly initialised BLIP captioner with tiny configs, saved like a Hub model."""
     folder = tmp_path_factory.mktemp("tiny-blip")
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer.from_pretrained(folder)
-    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer)
-    ids = {"bos_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id,
-           "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text = BlipTextConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=64, **ids)
-    vision = BlipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                    projection_dim=32)).eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model, processor = build_tiny_blip(folder)
     return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def tiny_florence2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-florence2")
+    build_tiny_florence2(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["2.5", "3"], ids=["qwen2.5-vl", "qwen3-vl"])
+def tiny_qwen_vl(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"tiny-qwen{request.param}-vl")
+    build_tiny_qwen_vl(folder, request.param)
+    return folder
 
 
 @pytest.fixture
@@ -102,36 +92,6 @@ class FixedCaptioner:
     def caption(self, images: list[Image.Image]) -> list[str]:
         self.calls += 1
         return [self.text] * len(images)
-
-
-# -- BLIP ---------------------------------------------------------------------------------------
-def test_blip_gives_one_caption_per_image_in_batches(captioner):
-    seen = []
-    captioner.progress = lambda done, total: seen.append((done, total))
-    captions = captioner.caption([noise(40, 40, i) for i in range(3)] + [Image.new("L", (50, 30), 128)])
-    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
-    assert seen == [(2, 4), (4, 4)]
-
-
-def test_blip_loads_from_a_local_folder_without_network(tiny_blip):
-    folder, _, _ = tiny_blip
-    captioner = BlipCaptioner(str(folder), max_new_tokens=5, num_beams=2).load()
-    assert captioner.device in ("cpu", "cuda")
-    assert len(captioner.caption([noise(40, 40, 1), noise(40, 40, 2)])) == 2
-
-
-@pytest.mark.parametrize("model_id", ["nobody/no-such-captioner", "/definitely/not/a/folder"])
-def test_blip_load_failure_is_one_line_naming_the_model(model_id):
-    with pytest.raises(ModelLoadError) as info:
-        BlipCaptioner(model_id).load()
-    message = str(info.value)
-    assert model_id in message and "\n" not in message
-    assert "blip-image-captioning-base" in message  # says what to try
-
-
-def test_model_object_needs_its_processor(tiny_blip):
-    with pytest.raises(LoraStudioError, match="BlipProcessor"):
-        BlipCaptioner(tiny_blip[1])
 
 
 # -- captioning a folder ------------------------------------------------------------------------
@@ -207,6 +167,16 @@ def test_an_empty_caption_is_reported_not_written(dataset):
     assert scan_captions(dataset)[0].caption == ""
 
 
+def test_stopping_keeps_what_was_written_and_the_next_run_continues(dataset):
+    captioner = FixedCaptioner("a cat")
+    result = caption_folder(dataset, captioner, trigger="ohwx", batch_size=1, should_stop=lambda: captioner.calls >= 2)
+    assert len(result.written) == 2 and result.left == 2
+    assert "stopped with 2 images left uncaptioned" in result.summary()
+    assert sum(bool(e.caption) for e in scan_captions(dataset)) == 2
+    rest = caption_folder(dataset, FixedCaptioner("a dog"), trigger="ohwx")  # existing captions are kept
+    assert len(rest.written) == 2 and len(rest.kept) == 2 and not rest.left
+
+
 def test_empty_folder_says_to_add_images(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         caption_folder(tmp_path, FixedCaptioner("x"), trigger="ohwx")
@@ -248,8 +218,16 @@ def test_sparse_strips_style_and_medium_words(caption, sparse):
     assert strip_style_words(caption) == sparse
 
 
-def test_full_keeps_style_words_but_drops_blip_artefacts():
-    assert clean_blip("arafed painting of a woman in anime style") == "a painting of a woman in anime style"
+@pytest.mark.parametrize("raw, cleaned", [
+    ("arafed painting of a woman in anime style", "a painting of a woman in anime style"),  # BLIP's artefact
+    ("The image shows a cat sitting on a table.", "a cat sitting on a table"),  # Florence-2's opener
+    ("A woman reading a book in a park.", "a woman reading a book in a park"),  # Qwen's sentence
+    ("In this image, a dog runs on the beach.", "a dog runs on the beach"),
+    ("This painting shows a fox", "This painting shows a fox"),  # the medium is a style word: sparse decides
+    ("a cat\n\x07on a\ttable\ufffd", "a cat on a table"),  # one line, no control characters or broken bytes
+])
+def test_full_keeps_style_words_but_drops_the_models_fillers(raw, cleaned):
+    assert clean_generated(raw) == cleaned
 
 
 @pytest.mark.parametrize("caption, trigger, template, suffix, expected", [
@@ -310,6 +288,16 @@ def test_long_caption_is_flagged_with_its_token_count(clip_tokenizer):
     assert result.too_long and result.tokens > CAPTION_TOKEN_LIMIT
     assert result.tokens == len(clip_tokenizer(long, add_special_tokens=False)["input_ids"])
     assert result.overflow and str(result.tokens) in result.message()
+    assert "</w>" not in result.message()
+
+
+def test_a_long_caption_shows_the_words_that_are_cut_as_words(clip_tokenizer):
+    words = [f"word{i}" if i % 2 else "cat" for i in range(120)]
+    caption = " ".join(words)
+    cut = caption_length(caption, clip_tokenizer).overflow
+    assert caption.endswith(cut) and cut.split()[-1] == "word119"  # the tail of the caption, as typed
+    kept = caption[: len(caption) - len(cut)]
+    assert len(clip_tokenizer.tokenize(kept)) == CAPTION_TOKEN_LIMIT  # exactly what CLIP still reads
     assert not caption_length("ohwx, a red cat", clip_tokenizer).too_long
 
 
@@ -345,19 +333,57 @@ def test_trigger_analysis_shows_how_a_word_splits(clip_tokenizer):
 
 # -- command line -------------------------------------------------------------------------------
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_caption_arguments(parser)
-    return parser.parse_args(list(argv))
+    return cli.build_parser().parse_args(["caption", *argv])
 
 
 def test_cli_trigger_style(dataset, capsys):
-    assert caption_command(parse(str(dataset), "--trigger", "ohwx", "--style", "trigger")) == 0
+    assert cli.cmd_caption(parse(str(dataset), "--trigger", "ohwx", "--style", "trigger")) == 0
     assert {e.caption for e in scan_captions(dataset)} == {"ohwx"}
     assert "4 captions written" in capsys.readouterr().out
 
 
 def test_cli_with_a_local_blip(dataset, tiny_blip, capsys):
-    args = parse(str(dataset), "--trigger", "ohwx", "--model", str(tiny_blip[0]), "--batch-size", "4", "--overwrite",
+    args = parse(str(dataset), "--trigger", "ohwx", "--weights", str(tiny_blip[0]), "--batch-size", "4", "--overwrite",
                  "--suffix", "in the style of {trigger}")
-    assert caption_command(args) == 0
+    assert cli.cmd_caption(args) == 0
     assert all(e.caption.startswith("ohwx") and e.caption.endswith("in the style of ohwx") for e in scan_captions(dataset))
+
+
+def test_cli_with_a_local_florence2_and_a_task(dataset, tiny_florence2, capsys):
+    args = parse(str(dataset), "--trigger", "ohwx", "--model", "florence2", "--weights", str(tiny_florence2),
+                 "--detail", "detailed", "--style", "full")
+    assert cli.cmd_caption(args) == 0
+    assert len([e for e in scan_captions(dataset) if e.caption.startswith("ohwx, ")]) == 4
+
+
+def test_cli_with_a_local_qwen_vl_and_an_instruction(dataset, tiny_qwen_vl, capsys):
+    args = parse(str(dataset), "--trigger", "ohwx", "--model", "qwen-vl", "--weights", str(tiny_qwen_vl),
+                 "--instruction", "Name the subject.", "--batch-size", "3")
+    assert cli.cmd_caption(args) == 0
+    assert "4 captions written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "blip", "--detail", "short"], "--model florence2"),
+    (["--model", "florence2", "--instruction", "Say it"], "--model qwen-vl"),
+])
+def test_cli_refuses_an_option_its_captioner_would_ignore(argv, message, dataset):
+    with pytest.raises(LoraStudioError, match=message):
+        cli.cmd_caption(parse(str(dataset), "--trigger", "ohwx", *argv))
+
+
+def test_cli_offers_each_captioner(capsys):
+    with pytest.raises(SystemExit):
+        parse("x", "--model", "tags")
+    assert "choose from 'blip', 'florence2', 'qwen-vl'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", captioners.KINDS)
+def test_captioning_without_weights_changes_nothing_on_disk(kind, dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    write_caption(dataset / "img1.png", "my careful caption")
+    before = {p: p.read_bytes() for p in dataset.rglob("*")  if p.is_file()}
+    with pytest.raises(ModelLoadError, match=f"'{captioners.CAPTIONERS[kind].model}'"):
+        cli.cmd_caption(parse(str(dataset), "--trigger", "ohwx", "--model", kind, "--overwrite"))
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "hub-cache").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images, tiny_config
+from conftest import config_only_model, make_images, tiny_config
 from safetensors.torch import load_file
 
 from lora_trainer import config as config_mod
@@ -22,7 +22,8 @@ from lora_trainer.formats import DIFFUSERS_FILENAME
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+# Timeouts here guard against a hang; they are no budget (a loaded machine is slow, and that is no defect).
+def cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lora_trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -36,7 +37,7 @@ def start(*args: str) -> subprocess.Popen:
     )
 
 
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 240) -> None:
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 1800) -> None:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if any(e["type"] == "step" and e["step"] >= step for e in read_events(run / "events.jsonl")[0]):
@@ -84,7 +85,8 @@ def test_bad_values_are_rejected_by_name_before_anything_loads(tmp_path, flags, 
 
 def test_check_prints_the_plan_without_loading_a_model(tmp_path):
     run = write_run(tmp_path, optim__steps=0 or 1, optim__epochs=3)
-    result = cli("check", str(run), "--set", "model.base=org/not-downloaded-anywhere")
+    sdxl = config_only_model(tmp_path / "sdxl", "sdxl")  # configs only: loading it would fail
+    result = cli("check", str(run), "--set", f"model.base={sdxl}", "--resolution", "1024", "--set", "data.bucket_step=64")
     assert result.returncode == 0, result.stderr
     assert "images: 4 from" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
     assert "buckets:" in result.stdout
@@ -216,3 +218,48 @@ def test_two_processes_take_images_in_once(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (run / "dataset").iterdir()) == [f"img00{i}.{e}" for i in range(3) for e in ("png", "txt")]
     assert result.stdout.count("3 images added") == 1
+
+
+def test_caption_with_the_trigger_style_writes_captions_from_the_command_line(tmp_path):
+    images = make_images(tmp_path / "images", 2, captions=False)
+    result = cli("caption", str(images), "--trigger", "zwx", "--style", "trigger")
+    assert result.returncode == 0, result.stderr
+    assert (images / "img000.txt").read_text() == "zwx" and "captioned 2/2" in result.stderr
+
+
+def test_push_of_a_run_without_a_lora_is_one_line_naming_it(tmp_path):
+    result = cli("push", str(tmp_path / "nothing"), "--repo", "someone/lora")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "There is no run folder" in result.stderr and str(tmp_path / "nothing") in result.stderr
+
+
+def test_a_32px_base_trains_at_its_own_size_on_32px_images(tmp_path):
+    from conftest import make_32px_model
+    from PIL import Image
+
+    model = make_32px_model(tmp_path / "model32")
+    images = make_images(tmp_path / "images", 3, sizes=((32, 32), (48, 32), (32, 40)))
+    run = tmp_path / "run"
+    result = cli("train", str(run), "--base", str(model), "--images", str(images), "--steps", "2", "--set", "sampling.every=2",
+                 "--set", "sampling.steps=2")
+    assert result.returncode == 0, result.stderr
+    assert "3 images added" in result.stdout  # none refused as too small
+    started = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "started"][0]
+    assert started["plan"]["buckets"] and all(w % 8 == 0 and h % 8 == 0 and w * h > 0 for w, h in started["plan"]["buckets"])
+    assert config_mod.load(run).data.resolution == 0  # "native": 32 px for this base
+    assert json.loads((run / "final" / "lora_info.json").read_text())["resolution"] == 32
+    sample = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "sample"][-1]
+    assert Image.open(run / sample["images"][0]).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [("/nonexistent/model", "base model '/nonexistent/model' not found"),
+     ("nobody/does-not-exist", "base model 'nobody/does-not-exist' could not be loaded"),
+     ("/etc/passwd", "is a suffix-less file; expected .safetensors or .ckpt")],
+)
+def test_check_resolves_the_base_like_train_does(tmp_path, base, message):
+    run = write_run(tmp_path)
+    result = cli("check", str(run), "--base", base)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr

@@ -39,7 +39,8 @@ def test_toml_round_trip_keeps_every_value(tmp_path):
         ("optim.mixed_precision", "fp8", "optim.mixed_precision"),
         ("optim.lr_scheduler", "step", "optim.lr_scheduler"),
         ("data.resolution", 500, "data.resolution = 500 must be a multiple of 8"),
-        ("data.resolution", 32, "data.resolution = 32 is out of range"),
+        ("data.resolution", 4, "data.resolution = 4 must be a multiple of 8"),  # 0 = native; then 8 and up
+        ("data.resolution", 8192, "data.resolution = 8192 is out of range"),
         ("data.caption_dropout", 1.5, "data.caption_dropout"),
         ("model.base", " ", "model.base must not be empty"),
         ("output.name", "../evil", "output.name = '../evil' is not a valid name"),
@@ -93,3 +94,9 @@ def test_sample_prompts_default_to_the_trigger_word():
     cfg.set("data.trigger", "zwx")
     assert cfg.sample_prompts()[0] == "zwx"
     assert all("zwx" in p for p in cfg.sample_prompts())
+
+
+@pytest.mark.parametrize("trigger", ["ohwx, style", "a,b"])
+def test_a_trigger_with_a_comma_is_refused_with_the_reason(trigger):
+    with pytest.raises(ConfigError, match="contains a comma: a trigger is one caption tag"):
+        config.from_dict({"data": {"trigger": trigger}})

@@ -119,3 +119,29 @@ def test_a_rotated_phone_photo_is_bucketed_by_how_it_is_seen(tmp_path):
     assert items[0].bucket[0] < items[0].bucket[1]
     pixels, _ = ds.load_pixels(items[0], flip=False)
     assert pixels.shape[1] > pixels.shape[2]
+
+
+def test_the_trainer_and_the_captions_tab_read_the_same_caption(tmp_path):
+    from lora_trainer.intake import scan_captions, write_caption
+
+    folder = make_images(tmp_path / "d", 3, captions=False)
+    (folder / "img000.txt").write_bytes("\ufeffohwx, with a BOM\nand a second line".encode())
+    (folder / "img001.caption").write_text("ohwx, kohya's other extension")
+    (folder / "img002.txt").write_text("ohwx, the txt wins")
+    (folder / "img002.caption").write_text("ohwx, not this one")
+    trainer = {i.image.name: i.caption for i in ds.scan(folder, "zwx")}
+    tab = {e.image.name: e.caption for e in scan_captions(folder)}
+    assert trainer == tab == {
+        "img000.png": "ohwx, with a BOM, and a second line", "img001.png": "ohwx, kohya's other extension",
+        "img002.png": "ohwx, the txt wins",
+    }
+    write_caption(folder / "img001.png", "ohwx, edited")  # an edit wins everywhere: the .caption goes
+    assert not (folder / "img001.caption").exists()
+    assert {i.image.name: i.caption for i in ds.scan(folder, "zwx")}["img001.png"] == "ohwx, edited"
+
+
+def test_data_repeats_repeats_every_image_times_its_folder_repeats(tmp_path):
+    make_images(tmp_path / "d", 2)
+    make_images(tmp_path / "d" / "3_more", 1)
+    repeats = {i.image.relative_to(tmp_path / "d").as_posix(): i.repeats for i in ds.scan(tmp_path / "d", "t", repeats=2)}
+    assert repeats == {"img000.png": 2, "img001.png": 2, "3_more/img000.png": 6}

@@ -6,7 +6,6 @@ Hub stored and on what landed on disk.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -21,9 +20,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.numpy import save_file
 
-from lora_trainer import config, hub, hub_checkpoints
+from lora_trainer import cli, config, hub
 from lora_trainer.events import EventWriter
-from lora_trainer.hub import HubError
+from lora_trainer.hub import HubError, client, publish
+from lora_trainer.hub import checkpoints as hub_checkpoints
 
 PROMPTS = ["ohwx", "a portrait of ohwx"]
 
@@ -36,7 +36,7 @@ def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(hub, "RETRY_BASE_DELAY", 0.0)
+    monkeypatch.setattr(client, "RETRY_BASE_DELAY", 0.0)
     with FakeHub() as server:
         yield server
 
@@ -142,6 +142,18 @@ def test_model_card_body_says_how_to_use_the_lora(tmp_path):
     assert "[`my-lora.safetensors`](./my-lora.safetensors)" in text
     assert "| lora.rank | 16 |" in text and "| optim.learning_rate | 0.0001 |" in text
     assert "![Training loss](loss.png)" in text
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_model_card_tells_a1111_users_not_to_use_a_dora_lora(tmp_path, use_dora):
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "final" / "lora_info.json").read_text())
+    (run / "final" / "lora_info.json").write_text(json.dumps({**info, "use_dora": use_dora}))
+    text = ModelCard(hub.render_model_card(run, "alice/my-lora")).text
+
+    assert ("Do not use it in AUTOMATIC1111 or Forge" in text) is use_dora
+    assert ("<lora:my-lora:1>" in text) is not use_dora  # the A1111 prompt syntax only where it works
+    assert "ComfyUI" in text and "[`my-lora.safetensors`](./my-lora.safetensors)" in text
 
 
 @pytest.mark.parametrize(
@@ -337,6 +349,13 @@ def test_a_pushed_checkpoint_comes_back_byte_identical_in_a_fresh_run_folder(fak
     assert [p.name for p in (fresh / "checkpoints").iterdir()] == ["step-000050"]  # no staging folder left
 
 
+def test_a_checkpoint_of_a_run_given_by_a_relative_path_is_pushed(fake, tmp_path, monkeypatch):
+    make_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    hub_checkpoints.push_checkpoint(Path("run"), Path("run/checkpoints/step-000050"), "alice/ckpts", token=WRITE_TOKEN, endpoint=fake.url)
+    assert "checkpoints/step-000050/trainer_state.json" in stored(fake, "alice/ckpts")
+
+
 def test_fetch_takes_the_newest_checkpoint_and_keeps_an_existing_config(fake, tmp_path):
     run = make_run(tmp_path / "run")
     for step in ("step-000050", "step-000100"):
@@ -361,7 +380,7 @@ def test_a_failed_fetch_leaves_no_half_checkpoint(fake, tmp_path):
     with pytest.raises(HubError, match="Could not download"):
         hub_checkpoints.fetch_checkpoint("alice/ckpts", fresh, token=WRITE_TOKEN, endpoint=fake.url)
 
-    assert list((fresh / "checkpoints").iterdir()) == []  # neither step-000050/ nor the staging folder
+    assert not (fresh / "checkpoints").exists() and not list(fresh.glob(".fetch-*"))  # no step-000050/, no staging folder
 
 
 def test_fetch_from_a_repo_without_checkpoints_says_so(fake, tmp_path):
@@ -445,25 +464,23 @@ def test_a_private_repo_needs_a_token_that_can_read_it(fake, tmp_path):
     ],
 )
 def test_the_most_likely_lora_file_comes_first(files, expected):
-    assert hub._lora_candidates(files)[0] == expected
+    assert publish.lora_candidates(files)[0] == expected
 
 
 # -- command line -----------------------------------------------------------------------------------
 def test_push_command_prints_the_url(fake, tmp_path, capsys):
-    parser = hub.add_push_arguments(argparse.ArgumentParser())
     run = make_run(tmp_path / "run")
-    args = parser.parse_args([str(run), "--repo", "alice/cli-lora", "--token", WRITE_TOKEN, "--endpoint", fake.url])
+    argv = ["push", str(run), "--repo", "alice/cli-lora", "--token", WRITE_TOKEN, "--endpoint", fake.url]
 
-    assert hub.push_command(args) == 0
+    assert cli.main(argv) == 0
     assert capsys.readouterr().out.strip() == f"{fake.url}/alice/cli-lora"
 
 
 def test_push_command_prints_the_problem_and_returns_1(fake, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", READ_TOKEN)  # --token defaults to HF_TOKEN
-    parser = hub.add_push_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(make_run(tmp_path / "run")), "--repo", "alice/cli-lora", "--endpoint", fake.url])
+    argv = ["push", str(make_run(tmp_path / "run")), "--repo", "alice/cli-lora", "--endpoint", fake.url]
 
-    assert hub.push_command(args) == 1
+    assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "read-only" in err and READ_TOKEN not in err
 

@@ -8,7 +8,14 @@ from conftest import make_images, tiny_config
 
 from lora_trainer import config as config_mod
 from lora_trainer.errors import LoraStudioError
-from lora_trainer.inference import Generator, LoraSpec, resolve_lora_file
+from lora_trainer.inference import (
+    Generator,
+    InferenceNeed,
+    LoraSpec,
+    choose_memory_options,
+    inference_need,
+    resolve_lora_file,
+)
 from lora_trainer.train import train
 
 
@@ -78,3 +85,64 @@ def test_a_long_session_keeps_only_the_most_recent_loras_loaded(two_runs, monkey
     loaded = {n for ns in gen.pipe.get_list_adapters().values() for n in ns}
     assert len(loaded) == 2
     assert np.array_equal(image(gen, [LoraSpec(str(files[0]), 1.0)]), first)  # reloaded on demand, same image
+
+
+# -- fusing and the memory options ---------------------------------------------------------------------
+def test_one_lora_is_fused_and_gives_the_unfused_image(two_runs):
+    import lora_trainer.inference as inference
+
+    gen = Generator("builtin:tiny-sd")
+    fused = image(gen, [LoraSpec(str(two_runs[0]), 0.8)])
+    assert inference._FUSED[gen.key][1] == 0.8
+    both = [LoraSpec(str(two_runs[0]), 0.8), LoraSpec(str(two_runs[1]), 0.0)]  # two LoRAs: never fused
+    unfused = image(gen, both)
+    assert gen.key not in inference._FUSED
+    assert np.abs(fused - unfused).max() <= 1  # the same image, up to rounding of merged weights
+
+
+def test_unfusing_before_another_lora_restores_the_base_weights(two_runs):
+    gen = Generator("builtin:tiny-sd")
+
+    def base_weights():  # named alike before and after peft wraps a layer
+        return {k.replace(".base_layer", ""): v.clone() for k, v in gen.pipe.unet.state_dict().items() if "lora" not in k}
+
+    image(gen, [LoraSpec(str(two_runs[0]), 1.0)])
+    image(gen, [])
+    before = base_weights()
+    image(gen, [LoraSpec(str(two_runs[0]), 1.0)])
+    image(gen, [LoraSpec(str(two_runs[1]), 0.5)])
+    image(gen, [])
+    after = base_weights()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-5
+
+
+GiB = 2**30
+NEED = InferenceNeed(unet=5 * GiB, text_encoders=int(1.5 * GiB), vae=GiB // 6, denoise=GiB // 2, decode=3 * GiB, decode_tiled=GiB // 2)
+
+
+@pytest.mark.parametrize("free_gib, tiling, offload", [
+    (40, False, False),  # everything fits
+    (9, True, False),  # the full-size decode does not
+    (6.5, True, True),  # the models together do not
+    (None, False, False),  # no GPU
+])
+def test_memory_options_follow_the_free_memory(free_gib, tiling, offload):
+    options = choose_memory_options(NEED if free_gib else None, int(free_gib * GiB) if free_gib else None)
+    assert (options.vae_tiling, options.cpu_offload, options.attention_slicing) == (tiling, offload, False)
+    assert options.reasons
+
+
+def test_attention_slicing_only_where_fused_attention_is_missing():
+    assert choose_memory_options(NEED, 6 * GiB, fused_attention=False).attention_slicing
+    assert not choose_memory_options(NEED, 6 * GiB).attention_slicing
+
+
+def test_the_need_of_sdxl_comes_from_its_configs_and_tiling_flattens_large_decodes():
+    need = inference_need("stabilityai/stable-diffusion-xl-base-1.0", 2048)
+    assert need.unet == 2 * 2_567_463_684
+    assert need.decode_tiled < need.decode / 2
+
+
+def test_on_the_cpu_no_memory_option_is_set(two_runs):
+    gen = Generator("builtin:tiny-sd")
+    assert gen.device == "cpu" and not gen.pipe.vae.use_tiling

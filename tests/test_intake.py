@@ -432,3 +432,11 @@ def test_zip_is_read_without_extracting_to_disk(tmp_path):
     shutil.rmtree(tmp_path / "deep")
     with zipfile.ZipFile(tmp_path / "z.zip") as zf:
         assert len(zf.infolist()) == 2  # the source zip is untouched
+
+
+@pytest.mark.parametrize("resolution, side, kept", [(32, 32, True), (32, 15, False), (512, 60, False), (64, 40, True)])
+def test_the_refusal_floor_follows_the_training_resolution(tmp_path, resolution, side, kept):
+    (tmp_path / "s.png").write_bytes(png_bytes(noise(side, side, 1)))
+    (tmp_path / "ok.png").write_bytes(png_bytes(noise(600, 600, 2)))
+    report = ingest([tmp_path / "s.png", tmp_path / "ok.png"], tmp_path / "dest", resolution=resolution)
+    assert ("s" in images_by_stem(report)) == kept

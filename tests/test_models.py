@@ -101,3 +101,68 @@ def test_a_broken_tiny_model_cache_is_rebuilt_not_trusted(tmp_path, monkeypatch)
     shutil.rmtree(folder / "text_encoder_2")
     assert tiny_model_path("builtin:tiny-sdxl") == folder
     assert (folder / "text_encoder" / "model.safetensors").exists() and (folder / "text_encoder_2" / "config.json").exists()
+
+
+# -- geometry: read from the model's own configs ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_32px(tmp_path_factory):
+    from conftest import make_32px_model
+
+    return make_32px_model(tmp_path_factory.mktemp("m32") / "model")
+
+
+@pytest.mark.parametrize(
+    "spec, vae_scale, step, native",
+    [("builtin:tiny-sd", 8, 16, 64), ("builtin:tiny-sdxl", 8, 16, 64), ("32px", 2, 8, 32)],
+)
+def test_geometry_comes_from_the_models_own_configs(spec, vae_scale, step, native, model_32px):
+    base = models.resolve(str(model_32px) if spec == "32px" else spec)
+    geo = models.geometry(base)
+    assert (geo.vae_scale, geo.bucket_step, geo.min_resolution, geo.default_resolution) == (vae_scale, step, step, native)
+
+
+@pytest.mark.parametrize("kind, step, native", [("sd", 64, 512), ("sdxl", 32, 1024)])
+def test_published_configs_and_single_files_give_the_standard_geometry(tmp_path, kind, step, native):
+    from conftest import config_only_model
+
+    folder = models.geometry(models.resolve(str(config_only_model(tmp_path / "m", kind))))
+    single = models.geometry(models.BaseModel("x.safetensors", kind, "x.safetensors", "single_file"))
+    assert (folder.bucket_step, folder.default_resolution) == (single.bucket_step, single.default_resolution) == (step, native)
+
+
+def test_a_hub_models_geometry_is_read_from_its_cached_configs(tmp_path, monkeypatch):
+    import huggingface_hub
+    from conftest import config_only_model
+
+    folder = config_only_model(tmp_path / "hub", "sdxl")
+    asked = []
+
+    def from_cache(repo_id, filename, revision=None, **kwargs):
+        asked.append((repo_id, filename, revision))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", from_cache)
+    base = models.resolve("someone/sdxl-finetune", revision="v2")
+    assert base.kind == "sdxl" and models.geometry(base).default_resolution == 1024
+    assert ("someone/sdxl-finetune", "unet/config.json", "v2") in asked
+    assert all(f.endswith(".json") for _, f, _ in asked)  # configs only, never weights
+
+
+def test_a_folder_without_its_vae_config_names_the_missing_file(tmp_path):
+    from conftest import config_only_model
+
+    folder = config_only_model(tmp_path / "m", "sd")
+    (folder / "vae" / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="cannot read vae/config.json"):
+        models.geometry(models.resolve(str(folder)))
+
+
+def test_the_toy_base_resolves_to_its_committed_folder_or_says_how_to_build_it(monkeypatch, tmp_path):
+    from conftest import config_only_model
+
+    monkeypatch.setattr(models, "TOY_BASE_DIR", tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match=r"toy-world base is not built: run `python -m lora_trainer.toyworld.build`"):
+        models.resolve("builtin:toy")
+    monkeypatch.setattr(models, "TOY_BASE_DIR", config_only_model(tmp_path / "toy", "sd"))
+    base = models.resolve("builtin:toy")
+    assert (base.kind, base.source, base.is_builtin) == ("sd", str(tmp_path / "toy"), True)

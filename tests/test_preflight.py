@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_images, tiny_config
+from conftest import config_only_model, make_images, tiny_config
 
-from lora_trainer.preflight import format_duration, guess_kind, preflight
+from lora_trainer.models import guess_kind
+from lora_trainer.preflight import format_duration, preflight
 
 
 def test_preflight_plans_like_the_trainer_and_estimates_the_tiny_model(tmp_path):
@@ -18,9 +19,31 @@ def test_preflight_plans_like_the_trainer_and_estimates_the_tiny_model(tmp_path)
     assert "plan: 100 steps" in text and "estimated time: about" in text
 
 
+def test_preflight_predicts_the_steps_epochs_and_buckets_the_trainer_runs(tmp_path):
+    from lora_trainer import config as config_mod
+    from lora_trainer.events import read_events
+    from lora_trainer.train import train
+
+    make_images(tmp_path / "images", 3)
+    make_images(tmp_path / "images" / "2_more", 2, sizes=((96, 64),))  # kohya repeats and a second bucket
+    cfg = tiny_config(tmp_path / "images", optim__epochs=2, optim__batch_size=2)
+    run = tmp_path / "run"
+    config_mod.save(cfg, run)
+    report = preflight(run, cfg, gpu=False)
+    train(run, cfg)
+    events = read_events(run / "events.jsonl")[0]
+    started = next(e for e in events if e["type"] == "started")
+    assert started["total_steps"] == report.plan.total_steps == sum(e["type"] == "step" for e in events)
+    assert started["plan"]["steps_per_epoch"] == report.plan.steps_per_epoch
+    assert started["plan"]["epochs"] == report.plan.epochs == 2
+    assert started["plan"]["buckets"] == [[w, h] for w, h, _ in report.buckets] and len(report.buckets) > 1
+    assert started["plan"]["repeats"] == report.per_epoch == 3 + 2 * 2
+
+
 @pytest.mark.parametrize("gpu, expect_estimate", [(False, False), (True, True)])
 def test_a_real_model_is_only_estimated_with_a_gpu(tmp_path, gpu, expect_estimate):
-    cfg = tiny_config(make_images(tmp_path / "images"), model__base="stabilityai/stable-diffusion-xl-base-1.0", data__resolution=1024)
+    sdxl = config_only_model(tmp_path / "sdxl", "sdxl")
+    cfg = tiny_config(make_images(tmp_path / "images"), model__base=str(sdxl), data__resolution=1024, data__bucket_step=64)
     report = preflight(tmp_path, cfg, gpu=gpu)
     assert (report.estimate_seconds is not None) == expect_estimate
     assert ("days without a GPU" in report.format()) != expect_estimate
@@ -38,3 +61,59 @@ def test_the_model_family_is_known_without_a_download(base, kind):
 @pytest.mark.parametrize("seconds, text", [(None, "—"), (59.6, "1:00"), (3725, "1:02:05")])
 def test_durations_read_like_a_clock(seconds, text):
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("resolution, message", [(40, "must be a multiple of 16 px"), (8, "at least 16 px")])
+def test_a_resolution_the_base_cannot_take_is_refused_with_its_native_one(tmp_path, resolution, message):
+    from lora_trainer.errors import ConfigError
+
+    cfg = tiny_config(make_images(tmp_path / "images"), data__resolution=resolution)
+    with pytest.raises(ConfigError, match=message) as err:
+        preflight(tmp_path, cfg, gpu=False)
+    assert "native resolution is 64" in str(err.value) and "builtin:tiny-sd" in str(err.value)
+
+
+def test_resolution_and_bucket_step_zero_mean_the_bases_own(tmp_path):
+    cfg = tiny_config(make_images(tmp_path / "images"), data__resolution=0, data__bucket_step=0)
+    report = preflight(tmp_path, cfg, gpu=False)
+    assert report.resolution == 64 and all(w % 16 == 0 and h % 16 == 0 for w, h, _ in report.buckets)
+
+
+@pytest.mark.parametrize(
+    "settings, warning",
+    [
+        ({"optim__learning_rate": 5.0}, "optim.learning_rate = 5 is far outside the usual range for adamw (usually 1e-06 to 0.01)"),
+        ({"optim__learning_rate": 1e-9}, "expect the LoRA to learn almost nothing"),
+        ({"optim__optimizer": "prodigy", "optim__learning_rate": 1e-4}, "for prodigy (usually 1)"),
+        ({"data__trigger": "my style"}, "data.trigger = 'my style' has spaces"),
+    ],
+)
+def test_settings_that_train_but_probably_not_as_meant_are_warned_about(tmp_path, settings, warning, caplog):
+    from lora_trainer import config as config_mod
+    from lora_trainer.events import read_events
+    from lora_trainer.train import train
+
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=1, **settings)
+    report = preflight(tmp_path, cfg, gpu=False)
+    assert any(warning in w for w in report.warnings) and f"warning: {report.warnings[0]}" in report.format()
+    config_mod.save(cfg, tmp_path / "run")
+    train(tmp_path / "run", cfg)
+    started = next(e for e in read_events(tmp_path / "run" / "events.jsonl")[0] if e["type"] == "started")
+    assert started["warnings"] == report.warnings
+    assert any(warning in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_a_usual_learning_rate_gets_no_warning(tmp_path):
+    assert preflight(tmp_path, tiny_config(make_images(tmp_path / "images")), gpu=False).warnings == []
+
+
+def test_an_empty_trigger_is_refused_where_an_image_has_no_caption(tmp_path):
+    from lora_trainer.errors import ConfigError
+
+    images = make_images(tmp_path / "images", 2)
+    (images / "img001.txt").unlink()
+    with pytest.raises(ConfigError, match=r"data.trigger is empty and 1 image\(s\) have no caption \(e.g. img001.png\)"):
+        preflight(tmp_path, tiny_config(images, data__trigger=""), gpu=False)
+    (images / "img001.txt").write_text("ohwx, a caption")
+    report = preflight(tmp_path, tiny_config(images, data__trigger=""), gpu=False)  # every image captioned: a warning
+    assert any("data.trigger is empty" in w for w in report.warnings)

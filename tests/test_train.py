@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from lora_trainer import config as config_mod
 from lora_trainer.events import read_events
-from lora_trainer.formats import DIFFUSERS_FILENAME, read_kohya_metadata
+from lora_trainer.formats import DIFFUSERS_FILENAME, read_safetensors_metadata
 from lora_trainer.inference import Generator, LoraSpec
 from lora_trainer.train import TrainingFailed, train
 
@@ -134,7 +134,7 @@ def test_kohya_file_has_true_alpha_names_and_metadata(trained):
     assert alphas == {8.0}  # the configured alpha, not the rank
     assert all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith("_attn1_to_q.lora_down.weight") for k in keys)
-    meta = read_kohya_metadata(trained / "final" / "my-lora.safetensors")
+    meta = read_safetensors_metadata(trained / "final" / "my-lora.safetensors")
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.trigger_phrase"] == "ohwx"
     assert meta["ss_steps"] == "100" and meta["modelspec.resolution"] == "64x64"
@@ -173,7 +173,7 @@ def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
 
 def test_sdxl_tiny_trains_saves_and_reloads(tmp_path):
     run = run_training(tmp_path, model__base="builtin:tiny-sdxl", sampling__every=10, lora__train_text_encoder=True)
-    meta = read_kohya_metadata(run / "final" / "my-lora.safetensors")
+    meta = read_safetensors_metadata(run / "final" / "my-lora.safetensors")
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     with safe_open(str(run / "final" / "my-lora.safetensors"), "pt") as f:
         prefixes = {k.split("_text_model")[0] for k in f.keys() if k.startswith("lora_te")}
@@ -197,26 +197,138 @@ def test_same_seed_gives_the_same_lora_on_cpu(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"optim__gradient_accumulation": 2, "optim__batch_size": 2, "optim__gradient_checkpointing": True},
-        {"optim__min_snr_gamma": 5.0, "optim__noise_offset": 0.1, "optim__lr_scheduler": "cosine", "optim__warmup_steps": 3},
-        {"optim__mixed_precision": "bf16"},
-        {"optim__optimizer": "prodigy", "optim__learning_rate": 1.0},
-        {"data__cache_latents": False, "data__caption_dropout": 0.3, "data__flip": True},
-        {"optim__epochs": 2, "data__repeats": 2},
-    ],
-    ids=["accum+ckpt", "snr+offset+cosine", "bf16", "prodigy", "no-cache", "epochs"],
-)
-def test_training_options_train_the_adapter(tmp_path, settings):
-    run = run_training(tmp_path, **settings)
-    weights = adapter_tensors(run)
-    ups = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
-    assert ups and all(torch.isfinite(v).all() for v in weights.values())
-    assert any(v.abs().sum() > 0 for v in ups)  # lora_B starts at zero: non-zero means it trained
-    finished = events_of(run, "finished")[-1]
-    assert finished["step"] == events_of(run, "started")[0]["total_steps"]
+# -- each training option proves its effect ---------------------------------------------------------------
+def _stub_trainables(prediction_type: str = "epsilon"):
+    """What compute_loss needs: a real DDPM forward process and a UNet stand-in that predicts half the input."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    return SimpleNamespace(
+        noise_scheduler=DDPMScheduler(prediction_type=prediction_type),
+        unet=lambda noisy, timesteps, embeds, **kwargs: (noisy * 0.5,),
+    )
+
+
+def _batch(n: int = 4):
+    from lora_trainer.train import Batch
+
+    return Batch(latents=torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1)), embeds=torch.zeros(n, 77, 32))
+
+
+def test_min_snr_weights_each_image_by_its_timestep():
+    from diffusers.training_utils import compute_snr
+
+    from lora_trainer.train import compute_loss
+
+    t = _stub_trainables()
+    plain = compute_loss(_batch(64), t, torch.Generator().manual_seed(0), config_mod.OptimSection())
+    snr = compute_loss(_batch(64), t, torch.Generator().manual_seed(0), config_mod.OptimSection(min_snr_gamma=5.0))
+    assert plain.weights is None and torch.equal(plain.step.timesteps, snr.step.timesteps)  # same draws, other weights
+    expected = torch.clamp(compute_snr(t.noise_scheduler, snr.step.timesteps), max=5.0) / compute_snr(t.noise_scheduler, snr.step.timesteps)
+    torch.testing.assert_close(snr.weights, expected)
+    easy = snr.step.timesteps < 100  # little noise: a high signal-to-noise ratio, weighted down
+    assert easy.any() and (snr.weights[easy] < 1).all() and (snr.weights[~easy] <= 1).all()
+    torch.testing.assert_close(snr.value, (snr.per_sample * expected).mean())
+    torch.testing.assert_close(plain.value, plain.per_sample.mean())
+
+
+def test_noise_offset_shifts_each_image_channel_by_one_constant():
+    from lora_trainer.train import sample_noise
+
+    latents = torch.zeros(3, 4, 8, 8)
+    plain = sample_noise(latents, torch.Generator().manual_seed(0), 0.0)
+    offset = sample_noise(latents, torch.Generator().manual_seed(0), 0.1)
+    shift = offset - plain
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift))  # constant over each channel's pixels
+    assert 0.01 < shift[..., 0, 0].abs().mean() < 0.3  # about 0.1 x a standard normal
+
+
+def test_v_prediction_targets_the_velocity_and_an_unknown_type_is_refused():
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.train import check_prediction_type, compute_loss
+
+    t = _stub_trainables("v_prediction")
+    loss = compute_loss(_batch(), t, torch.Generator().manual_seed(0), config_mod.OptimSection())
+    velocity = t.noise_scheduler.get_velocity(_batch().latents, loss.step.noise, loss.step.timesteps)
+    assert torch.equal(loss.step.target, velocity) and not torch.equal(loss.step.target, loss.step.noise)
+    with pytest.raises(ModelLoadError, match="predicts 'sample'"):
+        check_prediction_type("sample", "someone/model")
+    with pytest.raises(ModelLoadError, match="unknown prediction_type 'sample'"):
+        compute_loss(_batch(), _stub_trainables("sample"), torch.Generator().manual_seed(0), config_mod.OptimSection())
+
+
+def test_extra_loss_terms_are_added_and_reported():
+    from lora_trainer.train import compute_loss
+
+    terms = {"preservation": lambda batch, t, step: step.pred.float().pow(2).mean()}
+    plain = compute_loss(_batch(), _stub_trainables(), torch.Generator().manual_seed(0), config_mod.OptimSection())
+    more = compute_loss(_batch(), _stub_trainables(), torch.Generator().manual_seed(0), config_mod.OptimSection(), terms)
+    torch.testing.assert_close(more.value, plain.value + more.terms["preservation"])
+
+
+def test_cosine_schedule_shapes_the_learning_rate_after_warmup(tmp_path):
+    import math
+
+    images = make_images(tmp_path / "images")
+    cosine = run_training(tmp_path, "cosine", images=images, optim__lr_scheduler="cosine", optim__warmup_steps=3)
+    constant = run_training(tmp_path, "constant", images=images)
+    lr = 1e-3
+    expected = [lr * k / 3 for k in range(1, 4)] + [lr * 0.5 * (1 + math.cos(math.pi * (k - 3) / 7)) for k in range(4, 11)]
+    # The event of step k reports the rate the next step will use (the scheduler has stepped k times).
+    assert [e["lr"] for e in events_of(cosine, "step")] == pytest.approx(expected, rel=1e-6)
+    assert {e["lr"] for e in events_of(constant, "step")} == {lr}
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tmp_path):
+    images = make_images(tmp_path / "images")
+    plain = adapter_tensors(run_training(tmp_path, "plain", images=images, optim__batch_size=2))
+    checkpointed = adapter_tensors(run_training(tmp_path, "ckpt", images=images, optim__batch_size=2, optim__gradient_checkpointing=True))
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_bf16_reproduces_itself_and_differs_from_fp32(tmp_path):
+    images = make_images(tmp_path / "images")
+    a = adapter_tensors(run_training(tmp_path, "a", images=images, optim__mixed_precision="bf16"))
+    b = adapter_tensors(run_training(tmp_path, "b", images=images, optim__mixed_precision="bf16"))
+    fp32 = adapter_tensors(run_training(tmp_path, "fp32", images=images))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in a.values())  # LoRA weights stay fp32
+    assert not all(torch.allclose(a[k], fp32[k], atol=1e-6) for k in a)  # the frozen weights really were bf16
+
+
+def test_latent_caching_does_not_change_what_is_learned(tmp_path):
+    images = make_images(tmp_path / "images")
+    cached = adapter_tensors(run_training(tmp_path, "cached", images=images, data__flip=True))
+    uncached_run = run_training(tmp_path, "uncached", images=images, data__flip=True, data__cache_latents=False)
+    assert events_of(uncached_run, "started")[0]["plan"]["cache_latents"] is False
+    for key, value in adapter_tensors(uncached_run).items():
+        torch.testing.assert_close(value, cached[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_prodigy_trains_its_own_step_size(tmp_path):
+    images = make_images(tmp_path / "images")
+    prodigy = adapter_tensors(run_training(tmp_path, "prodigy", images=images, optim__optimizer="prodigy", optim__learning_rate=1.0))
+    adamw = adapter_tensors(run_training(tmp_path, "adamw", images=images))
+    assert all(torch.isfinite(v).all() for v in prodigy.values())
+    assert any(v.abs().sum() > 0 for k, v in prodigy.items() if "lora_B" in k or "lora.up" in k)  # lora_B starts at zero
+    assert not all(torch.allclose(prodigy[k], adamw[k]) for k in prodigy)
+
+
+def test_a_failing_listener_never_stops_training(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=3)
+    config_mod.save(cfg, run)
+    seen = []
+
+    def broken(event):
+        seen.append(event["type"])
+        raise RuntimeError("a listener bug")
+
+    assert train(run, cfg, listeners=[broken])["status"] == "finished"
+    assert seen[0] == "started" and seen[-1] == "finished" and seen.count("step") == 3
+    assert [e["type"] for e in read_events(run / "events.jsonl")[0]][-1] == "finished"
 
 
 def test_caching_is_turned_off_where_it_would_be_wrong(tmp_path):

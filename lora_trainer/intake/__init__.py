@@ -76,7 +76,9 @@ def ingest(
     """Copy the usable images (normalised) and captions of `sources` into the dataset folder `dest`.
 
     Every unusable file is skipped with a reason in the report, never raised. Images smaller than
-    `resolution` are kept with a warning; below `min_side` (default `limits.min_side`) refused.
+    `resolution` are kept with a warning; below `min_side` refused. Its default is half the training
+    resolution, at most `limits.min_side`: an image upscaled more than twice is mostly blur, while a
+    32 px base (the toy world's) must still take its own 32 px images.
     Raises DatasetError (with `.report`) only when the dataset ends up with no image at all.
 
     A dataset.toml may only name image folders inside its own folder unless `trust_toml_paths`
@@ -86,7 +88,7 @@ def ingest(
     if isinstance(sources, str | Path):  # one path, not a sequence of characters
         sources = [sources]
     limits = limits or IntakeLimits()
-    floor = min_side if min_side is not None else limits.min_side
+    floor = min_side if min_side is not None else max(1, min(limits.min_side, resolution // 2))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     report = IntakeReport(dest=dest)

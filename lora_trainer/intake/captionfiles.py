@@ -1,4 +1,11 @@
-"""The dataset folder as the trainer and the Captions tab see it: images with same-named `.txt` captions."""
+"""The dataset folder as the trainer and the Captions tab see it: images with same-named `.txt` captions.
+
+The one caption reader: the trainer, the pre-flight and the Captions tab all read captions here, so
+they cannot disagree. A caption is the `.txt` next to the image, else a kohya-style `.caption` (the
+same preference intake applies to a source folder; intake writes `.txt` only), decoded as UTF-8 with a
+byte-order mark stripped, as one line. Writing a caption writes the `.txt` and removes a `.caption`,
+so the edited text is the one every reader sees.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_write_text
 from .images import IMAGE_EXTS
-from .sources import clean_caption
+from .sources import CAPTION_EXTS, clean_caption
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,12 @@ def caption_path(image: Path) -> Path:
 
 def read_caption_file(image: Path) -> str:
     """The caption of a dataset image, or "" when it has none (undecodable bytes are replaced, not fatal)."""
-    try:
-        return clean_caption(caption_path(image).read_text(encoding="utf-8-sig", errors="replace"))
-    except FileNotFoundError:
-        return ""
+    for ext in CAPTION_EXTS:
+        try:
+            return clean_caption(Path(image).with_suffix(ext).read_text(encoding="utf-8-sig", errors="replace"))
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+    return ""
 
 
 def scan_captions(dest: str | Path) -> list[CaptionEntry]:
@@ -53,4 +62,7 @@ def write_caption(image: Path, text: str) -> Path:
         atomic_write_text(path, text)
     else:
         path.unlink(missing_ok=True)
+    for ext in CAPTION_EXTS:  # an older caption in another format must not come back in its place
+        if ext != path.suffix:
+            Path(image).with_suffix(ext).unlink(missing_ok=True)
     return path

@@ -40,7 +40,7 @@ SKIP_KINDS: dict[str, str] = {
 class IntakeLimits:
     """Safety limits on what intake accepts; the defaults suit a real dataset with room to spare."""
 
-    min_side: int = 64  # refuse images whose shorter side is below this (pixels)
+    min_side: int = 64  # refuse images whose shorter side is below this (pixels); less for small bases (ingest)
     max_pixels: int = 100_000_000  # width x height above this is a decompression bomb, refused before decoding
     max_file_bytes: int = 200 * 2**20  # one image file
     max_caption_bytes: int = 64 * 2**10  # one caption file

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from .header import build_header, wire_header
-from .tabs import captions, generate, publish, train, upload
+from .tabs import captions, generate, publish, rate, train, upload
 
 CSS = """
 .notice { background: var(--color-accent-soft); border-radius: 8px; padding: 4px 12px; }
@@ -24,7 +24,7 @@ CSS = """
 .caption-note, .caption-note p { font-size: 0.82em !important; color: var(--body-text-color-subdued); margin: 0; }
 .train-status p { font-size: 1.05em; }
 /* small images (thumbnails, the tiny model's 64 px) fill their frame instead of sitting in a corner of it */
-#gen-off img, #gen-on img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
+#gen-off img, #gen-on img, #rate-left img, #rate-right img, .caption-thumb img { width: 100%; height: 100%; object-fit: contain; }
 .report ul { margin-top: 0; }
 .pager { align-items: center; }
 .pager button { align-self: center; }
@@ -60,6 +60,7 @@ def build_app() -> gr.Blocks:
             train.build(shared)
             generate.build(shared)
             publish.build(shared)
+            rate.build(shared)
         gr.Markdown("Your runs stay on this server and only this browser can see them; reloading the page keeps them.",
                     elem_classes=["caption-note"])
         wire_header(demo, shared)

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 
 SECTION_TITLES = {
     "model": "Model", "data": "Data", "lora": "LoRA", "optim": "Optimizer", "sampling": "Sample images", "output": "Output",
+    "eval": "Evaluation",
 }
 
 
@@ -26,6 +27,8 @@ LABELS = {
     "optim.steps": "Training steps", "optim.seed": "Training seed", "optim.learning_rate": "Learning rate",
     "lora.rank": "Rank", "lora.alpha": "Alpha", "output.name": "LoRA name", "data.resolution": "Resolution (px)",
     "data.images": "Image folder", "sampling.every": "Samples every N steps", "sampling.steps": "Sample denoising steps",
+    "eval.steps": "Evaluation denoising steps", "eval.seed": "Evaluation seed", "eval.seeds": "Evaluation images per prompt",
+    "eval.guidance": "Evaluation guidance", "eval.prompts": "Evaluation prompts", "optim.preservation_weight": "Output preservation",
     "sampling.seed": "Sample seed", "sampling.guidance": "Sample guidance", "sampling.prompts": "Sample prompts",
     "sampling.negative_prompt": "Sample negative prompt", "output.save_every": "Checkpoint every N steps",
 }

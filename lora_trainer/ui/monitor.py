@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..events import EVENTS_FILENAME, read_events
+from ..events import EVENTS_FILENAME, read_events, smooth_losses
 from . import jobs
 
 MAX_PLOT_POINTS = 1500  # raw points sent to the plot; longer runs are thinned evenly
-SMOOTHING = 0.9  # EMA weight, TensorBoard-style, bias-corrected
 
 
 @dataclass
@@ -75,10 +74,7 @@ class RunMonitor:
         """(step, loss, series) rows: the raw losses (thinned) and their smoothed curve."""
         steps = sorted(self.losses)
         raw = [self.losses[s] for s in steps]
-        smooth, avg = [], 0.0
-        for i, value in enumerate(raw, 1):
-            avg = SMOOTHING * avg + (1 - SMOOTHING) * value
-            smooth.append(avg / (1 - SMOOTHING**i))
+        smooth = smooth_losses(raw)
         every = max(1, math.ceil(len(steps) / MAX_PLOT_POINTS))
         keep = [i for i in range(len(steps)) if i % every == 0 or i == len(steps) - 1]
         return [(steps[i], raw[i], "raw") for i in keep] + [(steps[i], smooth[i], "smoothed") for i in keep]

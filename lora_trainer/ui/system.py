@@ -9,7 +9,9 @@ import os
 from functools import cache
 from pathlib import Path
 
-from ..preflight import gpu_present, guess_kind
+from ..models import guess_kind
+from ..preflight import gpu_present
+from ..tiny import TINY_BUCKET_STEP, TINY_RESOLUTION  # noqa: F401 - the UI's names for them
 
 TINY_SD = "builtin:tiny-sd"
 TINY_SDXL = "builtin:tiny-sdxl"
@@ -21,7 +23,6 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # lora_trainer/
 TOY_BASE_INDEX = PACKAGE_ROOT / "toyworld" / "base" / "model_index.json"  # the toy world's committed base model
 EXAMPLE_DATASET = PACKAGE_ROOT.parent / "examples" / "toy-style"  # images + .txt captions in the toy world's style
 
-TINY_RESOLUTION, TINY_BUCKET_STEP = 64, 16  # what the tiny models train at (lora_trainer/tiny.py)
 # (resolution, bucket step) each built-in base trains at: the toy base draws 32 px scenes, its VAE halves and its
 # UNet downsamples 4x, so buckets step by 8 px.
 BUILTIN_SIZES = {TINY_SD: (TINY_RESOLUTION, TINY_BUCKET_STEP), TINY_SDXL: (TINY_RESOLUTION, TINY_BUCKET_STEP), TOY: (32, 8)}

@@ -1,5 +1,5 @@
-"""Captions: the trigger word, auto-captioning, every image with its editable caption (paginated),
-bulk find/replace, and the tokenizer's warnings next to the caption they concern."""
+"""Captions: the trigger word, auto-captioning (BLIP, Florence-2 or Qwen-VL; stoppable), every image with its
+editable caption (paginated), bulk find/replace, and the tokenizer's warnings next to the caption they concern."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 
 import gradio as gr
 
-from ... import captioning, intake, trigger
+from ... import captioners, captioning, intake, trigger
 from ...errors import LoraStudioError
 from .. import fields
 from ..common import Shared, code, md_escape, user_errors
@@ -17,10 +17,13 @@ from ..workspace import Session, thumbnail
 PAGE_SIZE = 12
 COLUMNS = 4
 STYLE_CHOICES = [
-    ("Sparse: subject only, style words removed (BLIP)", "sparse"),
-    ("Full: everything BLIP sees", "full"),
+    ("Sparse: subject only, style words removed", "sparse"),
+    ("Full: everything the captioner says", "full"),
     ("Trigger only: just the trigger word (no model needed)", "trigger"),
 ]
+CAPTIONER_CHOICES = [(info.label, kind) for kind, info in captioners.CAPTIONERS.items()]
+DETAIL_CHOICES = [("Short: a phrase", "short"), ("Detailed: a sentence or two", "detailed"),
+                  ("Paragraph: often past CLIP's 77 tokens", "paragraph")]
 
 
 class Slot:
@@ -45,6 +48,8 @@ def build(shared: Shared) -> None:
             trigger_box = fields.control("data.trigger", label="Trigger word", scale=1)
             style = gr.Dropdown(STYLE_CHOICES, value="sparse", label="Caption style", scale=2,
                                 info="How new captions are written. Captions you already have are kept unless you tick Replace.")
+            captioner = gr.Dropdown(CAPTIONER_CHOICES, value="blip", label="Captioner", scale=2,
+                                    info=captioner_info("blip"), elem_id="captioner")
         trigger_note = gr.Markdown(elem_classes=["caption-note"])
         with gr.Accordion("Caption options", open=False):
             with gr.Row():
@@ -52,9 +57,17 @@ def build(shared: Shared) -> None:
                 suffix = gr.Textbox("", label="Suffix", info="Added to every new caption, e.g. 'in the style of {trigger}'.")
             with gr.Row():
                 overwrite = gr.Checkbox(False, label="Replace existing captions")
-                model = gr.Textbox(captioning.DEFAULT_CAPTION_MODEL, label="Captioning model",
-                                   info=f"BLIP, a Hub id or a local folder; {captioning.LIGHT_CAPTION_MODEL} is lighter.")
-        write = gr.Button("Write captions", variant="primary")
+                model = gr.Textbox(captioners.CAPTIONERS["blip"].model, label="Captioning model", info=model_info("blip"),
+                                   elem_id="caption-model")
+            with gr.Row():
+                detail = gr.Dropdown(DETAIL_CHOICES, value="short", label="Florence-2 caption", visible=False,
+                                     info="Florence-2's own caption tasks.", elem_id="caption-detail")
+                instruction = gr.Textbox(captioners.DEFAULT_INSTRUCTION, label="Qwen-VL instruction", lines=2,
+                                         visible=False, elem_id="caption-instruction",
+                                         info="What Qwen-VL is asked about each image. Leave the style to the trigger word.")
+        with gr.Row():
+            write = gr.Button("Write captions", variant="primary", scale=3, elem_id="write-captions")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=100, elem_id="stop-captions")
         status = gr.Markdown()
         with gr.Accordion("Edit all captions", open=False):
             with gr.Row(equal_height=True):
@@ -89,9 +102,14 @@ def build(shared: Shared) -> None:
     show_page(prev_btn.click, lambda s, p, b, t: captions_page(s, (p or 1) - 1, b, t), [page], api_visibility="private")
     show_page(next_btn.click, lambda s, p, b, t: captions_page(s, (p or 1) + 1, b, t), [page], api_visibility="private")
 
-    write.click(write_captions, [session, trigger_box, style, template, suffix, overwrite, model], [status],
+    captioner.input(choose_captioner, [captioner], [captioner, model, detail, instruction], show_progress="hidden",
+                     api_visibility="private")
+    # the captioner's settings come last, so API calls made before they existed still work
+    write.click(write_captions, [session, trigger_box, style, template, suffix, overwrite, model, captioner, detail,
+                                 instruction], [status],
                 api_name="write_captions").then(captions_page, [session, page, base, trigger_box], page_outputs,
                                                   api_visibility="private")
+    stop.click(stop_captions, [session], None, concurrency_limit=None, show_progress="hidden", api_name="stop_captions")
     for button, fn, inputs in (
         (replace_btn, replace_all, [find, replace_with, regex]),
         (prepend_btn, prepend_all, [affix]),
@@ -219,40 +237,85 @@ def check_trigger(trigger_word: str, base: str) -> str:
     return text
 
 
-_CAPTIONERS: dict[str, captioning.BlipCaptioner] = {}
+def captioner_info(kind: str) -> str:
+    info = captioners.CAPTIONERS[kind]
+    return f"{info.choose[0].upper()}{info.choose[1:]} ({info.size})."
+
+
+def model_info(kind: str) -> str:
+    info = captioners.CAPTIONERS[kind]
+    return f"{info.label}: a Hub id or a local folder; {info.light} is lighter."
+
+
+def choose_captioner(kind: str) -> tuple:
+    kind = kind if kind in captioners.CAPTIONERS else "blip"
+    return (gr.update(info=captioner_info(kind)),
+            gr.update(value=captioners.CAPTIONERS[kind].model, info=model_info(kind)),
+            gr.update(visible=kind == "florence2"), gr.update(visible=kind == "qwen-vl"))
+
+
+_STOPS: dict[str, threading.Event] = {}  # dataset folder -> the Stop button's flag while it is being captioned
 
 
 @user_errors
 def write_captions(session: Session, trigger_word: str, style: str, template: str, suffix: str, overwrite: bool,
-                   model: str, progress=gr.Progress()) -> str:
+                   model: str, captioner: str = "blip", detail: str = "short",
+                   instruction: str = captioners.DEFAULT_INSTRUCTION, progress=gr.Progress()) -> str:
     dataset = session.dataset_dir()
     if dataset is None:
         raise gr.Error("No images yet: add some on the Upload tab first.")
-    captioner = None
-    if style != "trigger":
-        model = (model or captioning.DEFAULT_CAPTION_MODEL).strip()
-        captioner = _CAPTIONERS.get(model)
-        if captioner is None:
-            progress(None, desc=f"Loading the captioning model {model} (the first time takes a while)…")
-            try:
-                captioner = captioning.BlipCaptioner(model).load()
-            except LoraStudioError as e:
-                raise gr.Error(
-                    f"{e}\n\nAuto-captioning needs the BLIP model's weights. Without them, choose the caption style "
-                    "'Trigger only', or type captions below. Nothing was changed.",
-                    duration=None, print_exception=False,
-                ) from None
-            _CAPTIONERS[model] = captioner
+    kind = captioner or "blip"
+    info = captioners.check_kind(kind)
+    stop = _STOPS[str(dataset)] = threading.Event()
+    try:
+        model_captioner = None
+        if style != "trigger":
+            options = captioners.captioner_options(kind, detail=detail, instruction=instruction)
+            model_captioner = _load(kind, (model or "").strip() or info.model, options, progress)
+        if stop.is_set():
+            return "Stopped before captioning: nothing was written."
 
-    def step(done: int, total: int) -> None:
-        progress((done, max(total, 1)), desc="Writing captions", unit="images")
+        def step(done: int, total: int) -> None:
+            progress((done, max(total, 1)), desc=f"Writing captions ({info.label})" if model_captioner else
+                     "Writing captions", unit="images")
 
-    result = captioning.caption_folder(
-        dataset, captioner, trigger=trigger_word or "", style=style, template=template or captioning.DEFAULT_TEMPLATE,
-        suffix=suffix or "", overwrite=bool(overwrite), progress=step,
-    )
+        result = captioning.caption_folder(
+            dataset, model_captioner, trigger=trigger_word or "", style=style,
+            template=template or captioning.DEFAULT_TEMPLATE, suffix=suffix or "", overwrite=bool(overwrite),
+            progress=step, should_stop=stop.is_set,
+        )
+    finally:
+        if _STOPS.get(str(dataset)) is stop:
+            del _STOPS[str(dataset)]
+    if result.left:
+        return md_escape(result.summary()) + ". *Write captions* again continues with the rest (existing captions are kept)."
     note = "" if overwrite or not result.kept else " Tick *Replace existing captions* (Caption options) to rewrite those too."
     return md_escape(result.summary()) + "." + note
+
+
+def _load(kind: str, model: str, options: dict, progress) -> captioners.ModelCaptioner:
+    info = captioners.CAPTIONERS[kind]
+    if not captioners.is_loaded(kind, model):
+        progress(None, desc=f"Loading the captioning model {model} (the first time takes a while)…")
+    try:
+        return captioning.shared_captioner(kind, model, **options)
+    except LoraStudioError as e:
+        raise gr.Error(
+            f"{str(e).rstrip('.')}.\n\nAuto-captioning needs the {info.label} model's weights. Without them, choose another captioner, "
+            "the caption style 'Trigger only', or type captions below. Nothing was changed.",
+            duration=None, print_exception=False,
+        ) from None
+
+
+def stop_captions(session: Session) -> None:
+    """Stop auto-captioning this run after the current batch; what was written stays."""
+    dataset = session.dataset_dir()
+    stop = _STOPS.get(str(dataset)) if dataset is not None else None
+    if stop is None:
+        gr.Info("Nothing is being captioned.")
+        return
+    stop.set()
+    gr.Info("Stopping after the current batch; the captions written so far are kept.")
 
 
 @user_errors

@@ -247,5 +247,10 @@ def checkpoint_grid(session: Session, base: str, prompts: str, strength: float, 
     generator = _generator(base, progress)
     progress(0.3, desc="Rendering every checkpoint…")
     image, names = generator.checkpoint_grid(run, lines[:4], strength=float(strength), seed=int(seed or 0), steps=int(steps or 25))
+    from ...eval_report import (
+        label_checkpoint_grid,  # each cell: its step, the evaluation's scores, the pick framed
+    )
+
+    image = label_checkpoint_grid(image, run, names, lines[:4])
     return image, "Rows, top to bottom: " + ", ".join(f"`{n}`" for n in names) + "  \nColumns: " + " | ".join(md_escape(p) for p in lines[:4])
 

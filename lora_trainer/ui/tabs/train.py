@@ -13,7 +13,7 @@ from ... import captioning
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
-from .. import fields, jobs, presets, system
+from .. import evaluation, fields, jobs, presets, system
 from ..common import Shared, code, dora_note, info, md_escape, skip_all, user_errors
 from ..header import run_picker
 from ..monitor import RunMonitor, Status, console_tail, run_status
@@ -30,7 +30,7 @@ STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "
 class TrainTab:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        initial = presets.PRESETS[presets.DEFAULT_PRESET].settings(system.default_base())
+        initial = presets.settings(presets.DEFAULT_PRESET, system.default_base())
         self.settings: dict[str, gr.components.Component] = {"model.base": shared.base, "data.trigger": shared.trigger}
         with gr.Tab("3 · Train", id="train"):
             with gr.Row(equal_height=True):
@@ -86,7 +86,8 @@ class TrainTab:
                                      file_count="multiple", interactive=False)
             with gr.Accordion("Console output", open=False):
                 self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True,
-                                      elem_id="train-console")
+                                          elem_id="train-console")
+            self.evaluation = evaluation.build(shared)  # table, plot and the recommended checkpoint (ui/evaluation.py)
             # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
             self.timer = gr.Timer(POLL_SECONDS, active=False)
         self.view = [self.status, self.loss, self.samples, self.memory, self.files, self.console, self.timer,
@@ -119,7 +120,7 @@ def apply_preset(name: str, base: str) -> tuple:
     preset = presets.PRESETS.get(name)
     if preset is None:
         return (presets.describe(name), *skip_all(1 + len(presets.FIELDS)))
-    values = preset.settings(base)
+    values = presets.form_values(name, base)
     note, style = presets.describe(name), preset.caption_style
     if style in BLIP_STYLES and not system.blip_loadable(captioning.DEFAULT_CAPTION_MODEL):
         note += (" The captioning model (BLIP) cannot load on this machine, so the caption style was left as it is: "
@@ -135,7 +136,7 @@ def fresh_settings(session: Session, preset_name: str, base: str) -> tuple:
     values = {n: fields.from_config(config_mod.TrainConfig(), n) for n in names}
     preset = presets.PRESETS.get(preset_name)
     if preset is not None:
-        values.update(preset.settings(base))
+        values.update(presets.form_values(preset_name, base))
     elif system.is_builtin(base):
         values["data.resolution"], values["data.bucket_step"] = system.builtin_size(base)
     values["output.name"] = unused_name(session, str(values["output.name"]))
@@ -161,7 +162,7 @@ def apply_base(base: str, preset_name: str) -> tuple:
     if system.is_builtin(base):
         return system.builtin_size(base)
     preset = presets.PRESETS.get(preset_name) or presets.PRESETS[presets.DEFAULT_PRESET]
-    values = preset.settings(base)
+    values = presets.form_values(preset.name, base)
     return values["data.resolution"], values["data.bucket_step"]
 
 
@@ -289,7 +290,7 @@ def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) 
 def continue_from_hub(session: Session, repo_id: str, oauth_token: gr.OAuthToken | None = None,
                       progress=gr.Progress()) -> tuple:
     """A new run in this session from the newest checkpoint pushed to `repo_id` (config and images too), training on."""
-    from ... import hub_checkpoints
+    from ...hub import checkpoints as hub_checkpoints
 
     repo_id = (repo_id or "").strip()
     if not repo_id:

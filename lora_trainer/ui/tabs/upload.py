@@ -8,6 +8,7 @@ import gradio as gr
 
 from ... import intake
 from ...errors import DatasetError
+from ...models import native_resolution
 from .. import system
 from ..common import Shared, code, md_escape, user_errors
 from ..header import run_picker
@@ -73,15 +74,13 @@ def add_example(session: Session, base: str, progress=gr.Progress()) -> tuple:
 def _ingest(session: Session, sources: list[Path], base: str, progress) -> tuple:
     """Sources through the intake into the current run: the report, the gallery, an emptied upload box, the picker."""
     dataset = session.dataset_dir(create=True)
-    resolution = (system.builtin_size(base) or (1024 if system.base_family(base) == "sdxl" else 512, 0))[0]
-    # a built-in base that trains below the intake's floor (the toy world's 32 px) takes images that small
-    min_side = min(resolution, intake.IntakeLimits().min_side)
+    resolution = native_resolution(base)  # intake refuses images under half of it (at most 64 px)
 
     def step(done: int, total: int) -> None:
         progress((done, total), desc="Adding images", unit="files")
 
     try:
-        report = intake.ingest(sources, dataset, resolution=resolution, min_side=min_side, progress=step)
+        report = intake.ingest(sources, dataset, resolution=resolution, progress=step)
     except DatasetError as e:
         report = getattr(e, "report", None)
         if report is None:

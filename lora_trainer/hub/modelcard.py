@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +18,13 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image, ImageDraw, ImageFont
 
-from . import config as config_mod
-from .errors import LoraStudioError
-from .events import EVENTS_FILENAME, read_events
+from .. import config as config_mod
+from ..errors import LoraStudioError
+from ..events import EVENTS_FILENAME, read_events, smooth_losses
+from ..formats import DIFFUSERS_FILENAME, INFO_FILENAME, read_safetensors_metadata
+from ..models import guess_kind
+from .client import looks_like_repo_id
 
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 LOSS_CURVE = "loss.png"
 LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
 KIND_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
@@ -33,7 +33,13 @@ _UNINTERESTING_FIELDS = {
     "data.images", "data.num_workers", "data.cache_latents", "data.cache_text_embeddings",
     "optim.gradient_checkpointing",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# What A1111 does to a DoRA LoRA (its magnitude is normalised over the other axis of the weight:
+# measured 55 % off on one layer), while ComfyUI applies it closely.
+DORA_WARNING = (
+    "This LoRA uses DoRA. Do not use it in AUTOMATIC1111 or Forge: they apply DoRA's magnitude along the "
+    "wrong axis of the weight (measured 55 % off on one layer), so it will not look as trained. "
+    "ComfyUI and diffusers apply it as trained."
+)
 
 
 class RunNotReadyError(LoraStudioError):
@@ -53,6 +59,7 @@ class RunSummary:
     diffusers_file: Path
     kohya_file: Path | None
     config: config_mod.TrainConfig | None
+    dora: bool = False
     sample_step: int | None = None
     # (path relative to the run folder, prompt) of the newest sampled step: the card's gallery.
     widget_samples: list[tuple[str, str]] = field(default_factory=list)
@@ -69,7 +76,7 @@ def hub_base_model(base: str, run_dir: Path | None = None) -> str | None:
         return None
     if Path(base).expanduser().exists() or (run_dir is not None and (run_dir / base).exists()):
         return None  # user/name-looking, but a local folder
-    return base if _HUB_ID.match(base) else None
+    return base if looks_like_repo_id(base) else None
 
 
 def read_run(run_dir: str | Path) -> RunSummary:
@@ -78,15 +85,15 @@ def read_run(run_dir: str | Path) -> RunSummary:
     final = run_dir / "final"
     if not run_dir.is_dir():
         raise RunNotReadyError(f"There is no run folder at {run_dir}: check the path.")
-    if not (final / DIFFUSERS_WEIGHTS).is_file():
+    if not (final / DIFFUSERS_FILENAME).is_file():
         raise RunNotReadyError(
-            f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_WEIGHTS} is missing). "
+            f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_FILENAME} is missing). "
             "Let training run to the end (or resume it), then publish."
         )
     cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
-    info = _read_json(final / "lora_info.json")
-    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS)
-    metadata = _safetensors_metadata(kohya[0]) if kohya else {}
+    info = _read_json(final / INFO_FILENAME)
+    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_FILENAME)
+    metadata = read_safetensors_metadata(kohya[0]) if kohya else {}
     events, _ = read_events(run_dir / EVENTS_FILENAME)
 
     base = info.get("base") or (cfg.model.base if cfg else "") or "unknown"
@@ -99,9 +106,10 @@ def read_run(run_dir: str | Path) -> RunSummary:
         trigger=info.get("trigger") or metadata.get("modelspec.trigger_phrase") or (cfg.data.trigger if cfg else ""),
         name=name,
         steps=_steps(info, metadata, events),
-        diffusers_file=final / DIFFUSERS_WEIGHTS,
+        diffusers_file=final / DIFFUSERS_FILENAME,
         kohya_file=preferred if preferred.is_file() else (kohya[0] if kohya else None),
         config=cfg,
+        dora=bool(info.get("use_dora", cfg.lora.use_dora if cfg else False)),
         events=events,
     )
     summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg)
@@ -121,24 +129,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a .safetensors header (8-byte length + JSON), without loading tensors."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(min(length, 100_000_000)))
-    except (OSError, ValueError, struct.error):
-        return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return metadata if isinstance(metadata, dict) else {}
-
-
 def _kind(info: dict[str, Any], metadata: dict[str, str], base: str) -> str:
     if info.get("kind") in LICENSES:
         return info["kind"]
     if "ss_base_model_version" in metadata:
         return "sdxl" if "xl" in metadata["ss_base_model_version"] else "sd"
-    return "sdxl" if "xl" in base.lower() else "sd"
+    return guess_kind(base)
 
 
 def _steps(info: dict[str, Any], metadata: dict[str, str], events: list[dict[str, Any]]) -> int | None:
@@ -205,7 +201,8 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         base_text = f"[{hub_base}](https://huggingface.co/{hub_base})"
         pipe_base = hub_base
     elif run.base.startswith("builtin:"):
-        base_text = f"`{run.base}`, LoRA Studio's tiny built-in test model (it only loads into that model)"
+        what = "toy-world model (32 px drawn scenes)" if run.base == "builtin:toy" else "tiny test model"
+        base_text = f"`{run.base}`, LoRA Studio's built-in {what} (it only loads into that model)"
         pipe_base = "<the base model this LoRA was trained on>"
     else:
         # A local folder or file: name it, but do not publish the full local path.
@@ -228,22 +225,33 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         "from diffusers import AutoPipelineForText2Image",
         "",
         f'pipe = AutoPipelineForText2Image.from_pretrained("{pipe_base}", torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_WEIGHTS}")',
+        f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_FILENAME}")',
         f'image = pipe("{prompt}").images[0]',
         "```",
         "",
     ]
     if run.kohya_file is not None:
         kohya = run.kohya_file.name
-        lines += [
-            "## Use it in AUTOMATIC1111, Forge or ComfyUI",
-            "",
-            f"Download [`{kohya}`](./{kohya}) (kohya format) into `models/Lora` (A1111, Forge) or "
-            f"`models/loras` (ComfyUI), then write `<lora:{Path(kohya).stem}:1>` in the prompt (A1111, Forge) "
-            "or load it with a LoraLoader node (ComfyUI). "
-            f"`{DIFFUSERS_WEIGHTS}` is the same LoRA in the diffusers/peft layout.",
-            "",
-        ]
+        if run.dora:
+            lines += [
+                "## Use it in ComfyUI (not AUTOMATIC1111 or Forge)",
+                "",
+                f"> **{DORA_WARNING}**",
+                "",
+                f"Download [`{kohya}`](./{kohya}) (kohya/LyCORIS format) into `models/loras` and load it with a "
+                f"LoraLoader node. `{DIFFUSERS_FILENAME}` is the same LoRA in the diffusers/peft layout.",
+                "",
+            ]
+        else:
+            lines += [
+                "## Use it in AUTOMATIC1111, Forge or ComfyUI",
+                "",
+                f"Download [`{kohya}`](./{kohya}) (kohya format) into `models/Lora` (A1111, Forge) or "
+                f"`models/loras` (ComfyUI), then write `<lora:{Path(kohya).stem}:1>` in the prompt (A1111, Forge) "
+                "or load it with a LoraLoader node (ComfyUI). "
+                f"`{DIFFUSERS_FILENAME}` is the same LoRA in the diffusers/peft layout.",
+                "",
+            ]
     if run.widget_samples:
         lines += [f"## Samples (step {run.sample_step})", ""]
         lines += [f"![{_md(p)}](./{path})" for path, p in run.widget_samples] + [""]
@@ -252,6 +260,11 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
     lines += ["", "The complete configuration is in [`config.toml`](./config.toml).", ""]
     if has_loss:
         lines += ["## Training loss", "", f"![Training loss]({LOSS_CURVE})", ""]
+    from ..eval_report import evaluation_markdown
+
+    evaluation = evaluation_markdown(run.run_dir, published="final")
+    if evaluation:
+        lines += [evaluation, ""]
     return lines
 
 
@@ -295,16 +308,6 @@ def _loss_points(events: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Debiased exponential moving average (what TensorBoard draws); the window grows with the run."""
-    weight = min(0.99, max(0.0, 1 - 20 / max(len(values), 1)))
-    out, avg = [], 0.0
-    for i, v in enumerate(values, start=1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i) if weight else v)
-    return out
-
-
 def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: int = 320) -> bytes:
     """A PNG line chart of the raw (light) and smoothed (dark) training loss, drawn with PIL."""
     points = _loss_points(events)
@@ -319,7 +322,7 @@ def loss_curve_png(events: Iterable[dict[str, Any]], width: int = 640, height: i
 
     steps = [s for s, _ in points]
     raw = [v for _, v in points]
-    smooth = _smooth(raw)
+    smooth = smooth_losses(raw)
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
     # Clip the top at the 99th percentile so one spike does not flatten the whole curve.
     lo, hi = min(raw), sorted(raw)[min(len(raw) - 1, int(0.99 * len(raw)))]

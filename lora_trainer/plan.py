@@ -1,0 +1,130 @@
+"""What a run will train on and for how long: the one plan the trainer follows and the pre-flight shows.
+
+`plan_run` resolves the base model (its family and geometry, from configs: no weights), checks the
+resolution against it, scans the dataset, assigns buckets and counts steps and epochs. The trainer
+and `preflight` both call it, so what Check predicts is what training does. Nothing here imports
+torch, except building a built-in tiny model on its first use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import dataset as ds
+from . import models
+from .config import ConfigError, TrainConfig
+
+# Learning rates people use with each optimizer; one far outside (x10 either way) is almost surely a slip.
+# Prodigy adapts its own step size: its learning rate is a multiplier, 1.0 as its authors advise.
+USUAL_LEARNING_RATES = {"adamw": (1e-6, 1e-2), "adamw8bit": (1e-6, 1e-2), "prodigy": (1.0, 1.0)}
+
+
+@dataclass
+class RunPlan:
+    base: models.BaseModel
+    geometry: models.Geometry
+    images_dir: Path
+    items: list[ds.Item]  # every image, its caption, repeats and bucket
+    resolution: int  # side of the square bucket, pixels
+    bucket_step: int  # bucket sides are multiples of this
+    buckets: list[tuple[int, int]]  # (width, height) in use
+    batches: ds.Plan  # steps, epochs, micro-batches per step
+    processes: int
+    warnings: list[str] = field(default_factory=list)  # settings that will train, probably not as meant
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches.total_steps
+
+    @property
+    def per_epoch(self) -> int:
+        """Images seen per epoch, repeats included."""
+        return sum(i.repeats for i in self.items)
+
+    def bucket_counts(self) -> list[tuple[int, int, int]]:
+        """(width, height, images) of every bucket in use."""
+        return [(w, h, sum(1 for i in self.items if i.bucket == (w, h))) for w, h in self.buckets]
+
+    def summary(self, batch_size: int) -> dict[str, Any]:
+        """The plan as the `started` event reports it."""
+        return {
+            "images": len(self.items), "repeats": self.per_epoch, "buckets": [list(b) for b in self.buckets],
+            "batch_size": batch_size, "steps_per_epoch": self.batches.steps_per_epoch, "epochs": self.batches.epochs,
+        }
+
+
+def images_dir(cfg: TrainConfig, run_dir: str | Path) -> Path:
+    """data.images, relative paths being inside the run folder."""
+    path = Path(cfg.data.images)
+    return path if path.is_absolute() else Path(run_dir) / path
+
+
+def plan_run(cfg: TrainConfig, run_dir: str | Path, processes: int | None = None) -> RunPlan:
+    """Scan, bucket and plan the run; raises DatasetError where there is nothing to train on.
+
+    `processes` is the data-parallel world size (default: WORLD_SIZE, else 1): each optimizer step
+    takes one micro-batch from every process.
+    """
+    data, opt = cfg.data, cfg.optim
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    base = models.resolve(cfg.model.base, cfg.model.revision)
+    geometry = models.geometry(base)
+    resolution = resolution_for(cfg, geometry)
+    folder = images_dir(cfg, run_dir)
+    items = ds.scan(folder, data.trigger, data.repeats)
+    check_trigger(cfg, items)
+    step = ds.bucket_step_for(geometry.bucket_step, data.bucket_step)
+    buckets = ds.assign_buckets(items, resolution, step, data.buckets)
+    batches = ds.make_plan(items, opt.batch_size, opt.gradient_accumulation, processes, opt.steps, opt.epochs)
+    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg))
+
+
+def check_trigger(cfg: TrainConfig, items: list[ds.Item]) -> None:
+    """An empty trigger is only refused where it would leave an image with an empty caption."""
+    uncaptioned = [i.image.name for i in items if not i.caption]
+    if uncaptioned:
+        raise ConfigError(
+            f"data.trigger is empty and {len(uncaptioned)} image(s) have no caption (e.g. {uncaptioned[0]}): they would "
+            "train on an empty caption and teach the LoRA nothing it can be asked for. Set a trigger word (e.g. ohwx) or "
+            "caption those images"
+        )
+
+
+def advice(cfg: TrainConfig) -> list[str]:
+    """Settings that are allowed but probably not meant: shown by Check, logged and in the `started` event."""
+    notes = []
+    trigger = cfg.data.trigger.strip()
+    if not trigger:
+        notes.append("data.trigger is empty: the LoRA is tied to no word, so it changes every prompt")
+    elif any(c.isspace() for c in trigger):
+        notes.append(
+            f"data.trigger = {trigger!r} has spaces: the model reads it as several words it already knows; a single "
+            "made-up word (e.g. ohwx) is learned faster and does not change prompts that use those words"
+        )
+    low, high = USUAL_LEARNING_RATES[cfg.optim.optimizer]
+    rates = [("optim.learning_rate", cfg.optim.learning_rate)]
+    if cfg.lora.train_text_encoder and cfg.lora.text_encoder_lr:
+        rates.append(("lora.text_encoder_lr", cfg.lora.text_encoder_lr))
+    for name, lr in rates:
+        if not low / 10 <= lr <= high * 10:
+            usual = f"usually {low:g}" if low == high else f"usually {low:g} to {high:g}"
+            notes.append(
+                f"{name} = {lr:g} is far outside the usual range for {cfg.optim.optimizer} ({usual}): "
+                + ("expect the loss to explode (NaN)" if lr > high else "expect the LoRA to learn almost nothing")
+            )
+    return notes
+
+
+def resolution_for(cfg: TrainConfig, geometry: models.Geometry) -> int:
+    """data.resolution (0 = the base's native one), refused where the base cannot take it."""
+    resolution = cfg.data.resolution or geometry.default_resolution
+    if resolution < geometry.min_resolution or resolution % geometry.bucket_step:
+        raise ConfigError(
+            f"data.resolution = {resolution} does not suit the base model {cfg.model.base}: it must be a multiple of "
+            f"{geometry.bucket_step} px (its VAE x UNet downsampling) and at least {geometry.min_resolution} px. "
+            f"Its native resolution is {geometry.default_resolution} (data.resolution = 0 uses it)"
+        )
+    return resolution
