@@ -517,7 +517,7 @@ def test_the_default_base_suits_the_machine_and_the_page_says_why(gpu, toy_base,
         assert (system.TOY in [v for _, v in system.base_choices()]) == toy_base
         notice = system.hardware_notice()
         assert notice == "" if gpu == "1" else "need an NVIDIA GPU" in notice and ("toy world" in notice) == toy_base
-        resolution = presets.PRESETS["Style"].settings(expected)["data.resolution"]
+        resolution = presets.settings("Style", expected)["data.resolution"]
         assert resolution == {system.TOY: 32, system.TINY_SD: 64, system.SD15: 512}[expected]
     finally:
         system.has_gpu.cache_clear()
@@ -674,7 +674,8 @@ def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(wher
         env = {**os.environ, "SPACE_ID": "someone/lora-studio", "OAUTH_CLIENT_ID": "client-id",
                "OAUTH_CLIENT_SECRET": "client-secret", "OAUTH_SCOPES": scopes, "OPENID_PROVIDER_URL": hf.url,
                "GRADIO_SERVER_PORT": str(port), "LORA_STUDIO_WORKSPACE": str(tmp_path / "ws"), "LORA_STUDIO_GPU": "0",
-               "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0"}
+               "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0",
+               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         if where == "space":
             env["SYSTEM"] = "spaces"
         else:

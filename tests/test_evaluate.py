@@ -188,7 +188,9 @@ def test_evaluation_writes_every_row_and_best_holds_both_lora_files(run, evaluat
 def test_the_same_evaluation_twice_gives_the_same_scores(run, evaluated):
     again = evaluate_run(run, fast(clip_model=TINY_CLIP), ["10"])
     first = next(r for r in evaluated["rows"] if r["name"] == "step-000010")
-    assert (again[1].style, again[1].adherence, again[1].val_loss) == (first["style"], first["adherence"], first["val_loss"])
+    assert again[1].val_loss == first["val_loss"]  # exactly: fixed images, noise and timesteps
+    # Images: the same up to float rounding (a lone LoRA is fused into the weights and unfused after).
+    assert (again[1].style, again[1].adherence) == pytest.approx((first["style"], first["adherence"]), rel=1e-4)
 
 
 def test_model_card_table_names_the_pick_and_what_is_published(run, evaluated):

@@ -171,8 +171,7 @@ def _cached_hub_folder(repo_id: str) -> Path | None:
 
 def architecture(spec: str, variant: str = "") -> Architecture:
     """The architecture of a base model as the user names it (Hub id, folder, file, builtin:*), offline."""
-    from ..models import resolve
-    from ..preflight import guess_kind
+    from ..models import guess_kind, resolve
     from ..tiny import TINY_MODELS
 
     spec = spec.strip()
