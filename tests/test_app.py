@@ -32,7 +32,7 @@ from lora_trainer.ui import build_app, launch_options, presets, queue, system
 
 pytestmark = pytest.mark.slow
 API_VIEW = ("status", "loss", "samples", "memory", "files", "console", "timer", "run")  # the live view (buttons are not API values)
-TINY_TRAINING = {"optim.steps": 10, "sampling.every": 5, "sampling.steps": 2, "output.save_every": 5, "lora.rank": 4,
+TINY_TRAINING = {"model.base": system.TINY_SD, "optim.steps": 10, "sampling.every": 5, "sampling.steps": 2, "output.save_every": 5, "lora.rank": 4,
                  "optim.learning_rate": 1e-3, "output.name": "stripes"}
 
 

@@ -19,7 +19,7 @@ from fake_hub import WRITE_TOKEN, FakeHub
 from PIL import Image
 from test_app import serve
 
-from lora_trainer.ui import system
+from lora_trainer.ui import presets, system
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -282,7 +282,8 @@ def test_a_new_run_starts_from_the_preset_with_a_fresh_name_and_runs_read_apart(
     open_tab(page, "3 · Train")
     page.get_by_label("Character").check()
     page.get_by_text("cannot load on this machine", exact=False).wait_for()
-    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '1500'")
+    steps = str(presets.form_values("Character", system.default_base())["optim.steps"])
+    page.wait_for_function("steps => document.querySelector('#cfg-optim-steps input')?.value === steps", arg=steps)
     open_tab(page, "2 · Captions")
     assert "Trigger only" in page.get_by_label("Caption style").input_value()
 
@@ -294,7 +295,7 @@ def test_a_new_run_starts_from_the_preset_with_a_fresh_name_and_runs_read_apart(
     page.get_by_role("button", name="New run").click()
     page.wait_for_function("() => document.querySelector('#cfg-output-name input, #cfg-output-name textarea')?.value === 'my-lora'")
     assert not page.locator("#cfg-lora-use_dora input").is_checked()
-    assert page.locator("#cfg-optim-steps input").input_value() == "1500"
+    assert page.locator("#cfg-optim-steps input").input_value() == steps
     assert page.get_by_label("Character").is_checked()
 
     # Runs made within the same minute read apart in the picker.
