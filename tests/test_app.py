@@ -32,7 +32,7 @@ from lora_trainer.ui import build_app, launch_options, presets, queue, system
 
 pytestmark = pytest.mark.slow
 API_VIEW = ("status", "loss", "samples", "memory", "files", "console", "timer", "run")  # the live view (buttons are not API values)
-TINY_TRAINING = {"optim.steps": 10, "sampling.every": 5, "sampling.steps": 2, "output.save_every": 5, "lora.rank": 4,
+TINY_TRAINING = {"model.base": system.TINY_SD, "optim.steps": 10, "sampling.every": 5, "sampling.steps": 2, "output.save_every": 5, "lora.rank": 4,
                  "optim.learning_rate": 1e-3, "output.name": "stripes"}
 
 
@@ -187,6 +187,8 @@ def test_upload_caption_train_and_generate_end_to_end(url, workspace, tmp_path):
 
     # Captions: a page lists every image with its caption and token count; edits land in the .txt files.
     page = client.predict(1, system.TINY_SD, "ohwx", api_name="/captions_page")
+    while "loading the tokenizer" in page[1]:  # it loads in the background; a loaded machine takes a while
+        page = client.predict(1, system.TINY_SD, "ohwx", api_name="/captions_page")
     names = [page[3 + 4 * i] for i in range(5)]
     assert names == [f"img{i:03d}.png" for i in range(5)]
     assert page[4] == "ohwx, stripes number 0"
@@ -708,3 +710,33 @@ def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(wher
 
 def test_sign_in_asks_for_no_more_than_creating_and_writing_your_own_repos():
     assert _readme_scopes().split() == ["openid", "profile", "write-repos", "contribute-repos"]
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("Push to 'alice/<name>' instead", "Push to 'alice/&lt;name&gt;' instead"),  # an unknown tag would vanish
+    ("a <script>alert(1)</script> & more", "a &lt;script&gt;alert(1)&lt;/script&gt; &amp; more"),
+    ("Press **Resume** to continue", "Press <strong>Resume</strong> to continue"),
+    ("invalid settings:\n  - lora.rank", "invalid settings:<br>  - lora.rank"),
+])
+def test_every_toast_message_is_escaped_once_in_one_place(message, shown):
+    from lora_trainer.errors import LoraStudioError
+    from lora_trainer.ui.common import toast_html, user_errors
+
+    assert toast_html(message) == shown
+
+    @user_errors
+    def inner():
+        raise gr.Error(message)
+
+    @user_errors
+    def outer():
+        inner()  # a handler calling a handler: escaped once, not twice
+
+    @user_errors
+    def engine():
+        raise LoraStudioError(message)
+
+    for handler in (outer, engine):
+        with pytest.raises(gr.Error) as error:
+            handler()
+        assert error.value.message == shown

@@ -19,7 +19,7 @@ from fake_hub import WRITE_TOKEN, FakeHub
 from PIL import Image
 from test_app import serve
 
-from lora_trainer.ui import system
+from lora_trainer.ui import presets, system
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -62,21 +62,33 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def wait_for_status(page, *words: str, stall: float = TIMEOUT_MS / 1000) -> list[str]:
-    """Wait until the Train tab's status mentions one of `words`, following progress: it fails only when the
-    status stops changing for `stall` seconds, however long the whole run takes on a loaded machine.
-    Returns every status text seen, in order."""
-    status = page.locator("#train-status")
-    seen = [status.inner_text()]
-    since = time.monotonic()
-    while not any(w in seen[-1] for w in words):
+PROGRESS_JS = """() => [document.querySelector('#train-status')?.innerText || '',
+                          document.querySelector('#train-console textarea')?.value || '']"""
+LOSS_DRAWN_JS = """() => [...document.querySelectorAll('#loss-plot .mark-line path')].some(
+    p => (p.getAttribute('d') || '').length > 20 && getComputedStyle(p).stroke !== 'none')"""  # path data, a stroke
+
+
+def wait_following_progress(page, done, stall: float = TIMEOUT_MS / 1000) -> list[str]:
+    """Wait until `done()` while a run trains, following its progress: it fails only when neither the Train tab's
+    status nor the trainer's console output has changed for `stall` seconds, however long the run takes on a
+    loaded machine. Returns every status text seen, in order."""
+    status, console = page.evaluate(PROGRESS_JS)
+    seen, last, since = [status], (status, console), time.monotonic()
+    while not done():
         time.sleep(0.3)
-        text = status.inner_text()
-        if text != seen[-1]:
-            seen.append(text)
-            since = time.monotonic()
-        assert time.monotonic() - since < stall, f"the status stopped changing at: {seen[-1]}"
+        status, console = page.evaluate(PROGRESS_JS)
+        if (status, console) != last:
+            last, since = (status, console), time.monotonic()
+            if status != seen[-1]:
+                seen.append(status)
+        assert time.monotonic() - since < stall, f"the run stopped moving at: {status}"
     return seen
+
+
+def wait_for_status(page, *words: str) -> list[str]:
+    """Wait, following progress, until the Train tab's status mentions one of `words`."""
+    status = page.locator("#train-status")
+    return wait_following_progress(page, lambda: any(w in status.inner_text() for w in words))
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:
@@ -124,17 +136,14 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     page.locator("#check-run").click()
     page.get_by_text("Check passed").wait_for()
     page.locator("#start-training").click()
-    status = page.locator("#train-status")
-    status.get_by_text("Training", exact=False).wait_for()
-    page.wait_for_function(  # a drawn line: path data and a visible stroke
-        """() => [...document.querySelectorAll('#loss-plot .mark-line path')].some(
-            p => (p.getAttribute('d') || '').length > 20 && getComputedStyle(p).stroke !== 'none')""")
-    page.locator("#samples img").first.wait_for()
+    wait_for_status(page, "Training")
+    wait_following_progress(page, lambda: page.evaluate(LOSS_DRAWN_JS))
+    wait_following_progress(page, lambda: page.locator("#samples img").count() > 0)
     shot(page, "3-train-running")
 
     # Stop: the trainer saves a checkpoint; Resume is offered. A reload shows the same run and its settings.
     page.locator("#stop-training").click()
-    status.get_by_text("Stopped at step", exact=False).wait_for()
+    wait_for_status(page, "Stopped at step")
     assert page.locator("#resume-training").is_enabled()
     shot(page, "3-train-stopped")
     page.reload()
@@ -157,12 +166,11 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     # Resume, reload while it trains: the page finds the running job again; then it finishes.
     open_tab(page, "3 · Train")
     page.locator("#resume-training").click()
-    page.locator("#train-status").get_by_text("Training", exact=False).wait_for()
+    wait_for_status(page, "Training")
     page.reload()
     open_tab(page, "3 · Train")
-    status = page.locator("#train-status")
-    status.get_by_text("Training", exact=False).or_(status.get_by_text("Finished", exact=False)).wait_for()
-    page.locator("#samples img").first.wait_for()
+    wait_for_status(page, "Training", "Finished")
+    wait_following_progress(page, lambda: page.locator("#samples img").count() > 0)
     seen = wait_for_status(page, "Finished")
     # once it trains, it never reads "Starting" again (it did for ~3 s while the trainer process exited)
     assert not any("Starting" in text for text in seen), seen
@@ -274,7 +282,8 @@ def test_a_new_run_starts_from_the_preset_with_a_fresh_name_and_runs_read_apart(
     open_tab(page, "3 · Train")
     page.get_by_label("Character").check()
     page.get_by_text("cannot load on this machine", exact=False).wait_for()
-    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '1500'")
+    steps = str(presets.form_values("Character", system.default_base())["optim.steps"])
+    page.wait_for_function("steps => document.querySelector('#cfg-optim-steps input')?.value === steps", arg=steps)
     open_tab(page, "2 · Captions")
     assert "Trigger only" in page.get_by_label("Caption style").input_value()
 
@@ -286,7 +295,7 @@ def test_a_new_run_starts_from_the_preset_with_a_fresh_name_and_runs_read_apart(
     page.get_by_role("button", name="New run").click()
     page.wait_for_function("() => document.querySelector('#cfg-output-name input, #cfg-output-name textarea')?.value === 'my-lora'")
     assert not page.locator("#cfg-lora-use_dora input").is_checked()
-    assert page.locator("#cfg-optim-steps input").input_value() == "1500"
+    assert page.locator("#cfg-optim-steps input").input_value() == steps
     assert page.get_by_label("Character").is_checked()
 
     # Runs made within the same minute read apart in the picker.

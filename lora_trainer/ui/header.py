@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import time
-import tomllib
 from pathlib import Path
 
 import gradio as gr
 
 from ..config import CONFIG_FILENAME
+from ..config import load as load_config
+from ..errors import LoraStudioError
 from ..events import EVENTS_FILENAME, last_event
 from . import system
 from .common import Shared, info, user_errors
@@ -56,9 +57,11 @@ def run_label(run_dir: Path) -> str:
 
 def _run_name(run_dir: Path) -> str:
     """The LoRA name the run trains (its saved settings), or '' before it has any."""
+    if not (run_dir / CONFIG_FILENAME).exists():
+        return ""
     try:
-        return tomllib.loads((run_dir / CONFIG_FILENAME).read_text()).get("output", {}).get("name", "")
-    except (OSError, ValueError):
+        return load_config(run_dir).output.name
+    except LoraStudioError:
         return ""
 
 
@@ -118,7 +121,7 @@ def wire_header(demo: gr.Blocks, shared: Shared) -> None:
     shared.new_run_event = shared.new_run_button.click(new_run, [shared.session, shared.keep_dataset], [shared.run],
                                                        api_name="new_run")
     shared.then_refresh(shared.new_run_event)
-    # Opening the picker refreshes it (another tab may have made a run); also the list_runs API endpoint.
+    # Opening the picker refreshes it (another tab may have made a run).
     shared.run.focus(refresh_run_choices, [shared.session], [shared.run], api_visibility="private", show_progress="hidden")
     list_runs = gr.Button(visible=False)  # the list_runs API endpoint: the picker as the server sees it
     list_runs.click(run_picker, [shared.session], [shared.run], api_name="list_runs")

@@ -20,8 +20,8 @@ from ..monitor import RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
-SHARED_FIELDS = {"model.base", "data.trigger"}
-BLIP_STYLES = {"sparse", "full"}  # caption styles that run the captioning model (captioning.STYLES)  # their controls live at the top of the page and on the Captions tab
+SHARED_FIELDS = {"model.base", "data.trigger"}  # their controls live at the top of the page and on the Captions tab
+BLIP_STYLES = {"sparse", "full"}  # the caption styles (captioning.STYLES) that run the captioning model
 POLL_SECONDS = 1.0
 STATUS_ICONS = {"new": "🟦", "queued": "⏳", "running": "🏃", "stopping": "⏸️", "finished": "✅", "stopped": "⏸️",
                 "failed": "❌", "interrupted": "⚠️"}
@@ -85,7 +85,8 @@ class TrainTab:
                 self.files = gr.File(label="Your LoRA: diffusers and kohya (A1111 / ComfyUI) formats",
                                      file_count="multiple", interactive=False)
             with gr.Accordion("Console output", open=False):
-                self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True)
+                self.console = gr.Textbox(show_label=False, lines=12, max_lines=12, interactive=False, autoscroll=True,
+                                          elem_id="train-console")
             self.evaluation = evaluation.build(shared)  # table, plot and the recommended checkpoint (ui/evaluation.py)
             # Inside the tab: a stray child of gr.Tabs shifts the page's tab bookkeeping (a tab shows twice).
             self.timer = gr.Timer(POLL_SECONDS, active=False)
