@@ -143,6 +143,17 @@ def poll_until(client: Client, *words: str, view: dict | None = None, stall: flo
     return view
 
 
+def settle(client: Client, view: dict, stall: float = 300) -> dict:
+    """Poll until the page's timer stops: the trainer reported its end and its process has exited."""
+    since = time.monotonic()
+    while view.get("timer", {}).get("active"):
+        if time.monotonic() - since > stall:
+            raise AssertionError(f"the trainer's process never exited; last: {view.get('status')}")
+        merge(view, client.predict(api_name="/poll"))
+        time.sleep(0.2)
+    return view
+
+
 def session_dirs(workspace: Path) -> set[Path]:
     return {p for p in workspace.iterdir() if p.is_dir()}
 
@@ -231,7 +242,7 @@ def test_upload_caption_train_and_generate_end_to_end(url, workspace, tmp_path):
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert kinds.count("step") == 10 and "sample" in kinds and "checkpoint" in kinds
     assert config_mod.load(run).data.resolution == 64  # the tiny model's size, whatever the form said
-    assert view["timer"]["active"] is False
+    assert settle(client, view)["timer"]["active"] is False and "Finished" in view["status"]
 
     # Generate: same seed, LoRA off and on; two strengths give two different images.
     lora = f"run:{current_run(client)}"
@@ -331,7 +342,7 @@ def test_a_second_job_waits_in_line_stop_saves_and_resume_continues(url, workspa
     assert "Ready" in start(second, "/stop_training")["status"]  # out of the line, nothing trained
 
     def stop() -> int:
-        stopped = poll_until(first, "Stopped at", "Finished", view=start(first, "/stop_training"))["status"]
+        stopped = settle(first, poll_until(first, "Stopped at", "Finished", view=start(first, "/stop_training")))["status"]
         return int(stopped.split("Stopped at step ")[1].split(" ")[0])
 
     step = stop()
@@ -417,7 +428,8 @@ def test_a_reloaded_page_takes_back_its_session_and_a_forged_one_gets_nothing(tm
 def test_checkpoint_grid_has_a_row_per_checkpoint_and_final(trained):
     client, _, _ = trained
     grid, rows = client.predict(system.TINY_SD, "ohwx\na house by a lake, ohwx", 1.0, 2, 0, api_name="/checkpoint_grid")
-    assert Image.open(grid).size == (2 * 64, 3 * 64)  # step-000005, step-000010, final x two prompts
+    cell = 3 * 64  # the 64 px renders enlarged to at least 160 px (pixels kept sharp), a label strip under each row
+    assert Image.open(grid).size == (2 * cell, 18 + 3 * (cell + 30))  # two prompts x step-000005, step-000010, final
     assert "step-000005" in rows and "final" in rows
 
 

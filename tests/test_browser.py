@@ -144,7 +144,7 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     # Stop: the trainer saves a checkpoint; Resume is offered. A reload shows the same run and its settings.
     page.locator("#stop-training").click()
     wait_for_status(page, "Stopped at step")
-    assert page.locator("#resume-training").is_enabled()
+    wait_following_progress(page, lambda: page.locator("#resume-training").is_enabled())  # once its process exits
     shot(page, "3-train-stopped")
     page.reload()
     open_tab(page, "3 · Train")

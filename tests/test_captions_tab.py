@@ -75,7 +75,7 @@ def test_a_captioner_without_weights_says_which_and_what_to_do_and_changes_nothi
     with pytest.raises(gr.Error) as error:
         captions.write_captions(session, "ohwx", "sparse", "{trigger}, {caption}", "", True, "", kind,
                                 progress=no_progress)
-    first_line, *rest = error.value.message.split("\n")
+    first_line, *rest = error.value.message.split("<br>")  # a toast: line breaks as HTML
     info = captioners.CAPTIONERS[kind]
     assert first_line.startswith(f"Could not load the captioning model '{info.model}' ({info.label}): it is not in")
     assert first_line.endswith("or choose another captioner.")  # whole, not cut mid-word

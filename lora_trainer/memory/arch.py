@@ -45,6 +45,14 @@ class Architecture:
         return self.components[name].params if name in self.components else 0
 
     @property
+    def native_resolution(self) -> int:
+        """The side the base was trained at: the UNet's sample size times the VAE's downsampling."""
+        vae, unet = self.components["vae"].config, self.components["unet"].config
+        sample = unet.get("sample_size", 64)
+        sample = sample if isinstance(sample, int) else min(sample)
+        return sample * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+
+    @property
     def text_encoders(self) -> list[Component]:
         return [self.components[n] for n in ("text_encoder", "text_encoder_2") if n in self.components]
 

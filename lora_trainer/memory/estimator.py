@@ -21,6 +21,8 @@ Phases: caching latents (VAE encode with everything loaded), training steps, sam
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import dataclass, field
 
@@ -150,6 +152,15 @@ def trainable_tensors(cfg: TrainConfig, arch: Architecture) -> dict[str, list[tu
     return out
 
 
+def with_resolution(cfg: TrainConfig, arch: Architecture) -> TrainConfig:
+    """`cfg` with data.resolution 0 (the base's native resolution) made the number it means."""
+    if cfg.data.resolution:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.resolution = arch.native_resolution
+    return cfg
+
+
 def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device: str = "cuda", processes: int = 1,
              simulated_size: int | None = None) -> Estimate:
     """Peak memory of the run `cfg` describes on `device` ("cuda" or "cpu"), from `base` (default cfg.model.base).
@@ -157,6 +168,7 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     `simulated_size`: the resolution to simulate at and scale from by area (default: the training resolution).
     """
     arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, load_variant_for(cfg))
+    cfg = with_resolution(cfg, arch)
     gpu = device == "cuda"
     dt = weight_dtype(cfg)
     wbytes = 4 if dt == "fp32" else 2

@@ -20,7 +20,7 @@ import subprocess
 from ..config import TrainConfig
 from ..errors import LoraStudioError
 from .arch import Architecture, architecture
-from .estimator import Estimate, GiB, estimate, gb, load_variant_for, text_caching, weight_dtype
+from .estimator import Estimate, GiB, estimate, gb, load_variant_for, text_caching, weight_dtype, with_resolution
 
 HEADROOM = 0.95  # plan to 95% of the card: other processes, fragmentation beyond the estimate
 
@@ -76,6 +76,7 @@ def auto_plan(cfg: TrainConfig, base: str | Architecture | None = None, gpu_byte
             return copy.deepcopy(cfg), ["no GPU found: the memory plan applies to GPUs (plan for one with --gpu-memory GB)"]
         gpu_bytes, bf16 = found
     arch = base if isinstance(base, Architecture) else architecture(base or cfg.model.base, load_variant_for(cfg))
+    cfg = with_resolution(cfg, arch)
     budget = int(gpu_bytes * HEADROOM)
     reasons = [f"GPU memory {gb(gpu_bytes)}: planning to {gb(budget)} ({HEADROOM:.0%})"]
     new = copy.deepcopy(cfg)

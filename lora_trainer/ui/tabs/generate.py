@@ -12,6 +12,7 @@ import gradio as gr
 
 from ... import config as config_mod
 from ...errors import LoraStudioError
+from ...eval_report import label_checkpoint_grid
 from .. import system
 from ..common import Shared, md_escape, skip_all, user_errors, warning
 from ..workspace import Session, WorkspaceError
@@ -247,10 +248,6 @@ def checkpoint_grid(session: Session, base: str, prompts: str, strength: float, 
     generator = _generator(base, progress)
     progress(0.3, desc="Rendering every checkpoint…")
     image, names = generator.checkpoint_grid(run, lines[:4], strength=float(strength), seed=int(seed or 0), steps=int(steps or 25))
-    from ...eval_report import (
-        label_checkpoint_grid,  # each cell: its step, the evaluation's scores, the pick framed
-    )
-
-    image = label_checkpoint_grid(image, run, names, lines[:4])
+    image = label_checkpoint_grid(image, run, names, lines[:4])  # each cell: its step and scores, the pick framed
     return image, "Rows, top to bottom: " + ", ".join(f"`{n}`" for n in names) + "  \nColumns: " + " | ".join(md_escape(p) for p in lines[:4])
 

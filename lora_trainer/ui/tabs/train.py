@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from ... import captioning
+from ... import captioners
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
@@ -122,7 +122,7 @@ def apply_preset(name: str, base: str) -> tuple:
         return (presets.describe(name), *skip_all(1 + len(presets.FIELDS)))
     values = presets.form_values(name, base)
     note, style = presets.describe(name), preset.caption_style
-    if style in BLIP_STYLES and not system.blip_loadable(captioning.DEFAULT_CAPTION_MODEL):
+    if style in BLIP_STYLES and not system.blip_loadable(captioners.CAPTIONERS["blip"].model):
         note += (" The captioning model (BLIP) cannot load on this machine, so the caption style was left as it is: "
                  "use *Trigger only* or type your captions.")
         style = gr.skip()
