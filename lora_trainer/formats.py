@@ -27,6 +27,7 @@ from .fsutil import atomic_write_text
 
 DIFFUSERS_FILENAME = "pytorch_lora_weights.safetensors"
 INFO_FILENAME = "lora_info.json"
+EMBEDDINGS_SUFFIX = "_emb.safetensors"  # pivotal tuning's textual-inversion file, as diffusers' advanced script names it
 BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
@@ -114,6 +115,17 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     return dict(Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip()))
 
 
+def embeddings_filename(name: str) -> str:
+    """The trigger's learned embedding (pivotal tuning) beside a LoRA named `name` (kohya's `<name>.safetensors`)."""
+    return f"{name}{EMBEDDINGS_SUFFIX}"
+
+
+def embeddings_file(folder: str | Path) -> Path | None:
+    """The textual-inversion file in a LoRA folder (final/, a checkpoint), if it has one."""
+    found = sorted(Path(folder).glob(f"*{EMBEDDINGS_SUFFIX}"))
+    return found[0] if found else None
+
+
 def save_lora(
     dest: Path,
     *,
@@ -147,7 +159,7 @@ def save_lora(
         from . import pivotal
 
         kohya.update(pivotal.kohya_bundle(info["kind"], info["trigger"], embeddings))
-        emb_path = dest / pivotal.embeddings_filename(info["name"])
+        emb_path = dest / embeddings_filename(info["name"])
         save_file(embeddings, emb_path, metadata={"trigger": info["trigger"], "vectors": str(len(next(iter(embeddings.values()))))})
         info["embeddings"] = {"file": emb_path.name, "trigger": info["trigger"], "keys": sorted(embeddings)}
         written.append(emb_path)

@@ -23,13 +23,9 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .formats import embeddings_file, embeddings_filename  # noqa: F401 - the files' names live with the other formats
 
 EMBEDDING_KEYS = {"sd": ("emb_params",), "sdxl": ("clip_l", "clip_g")}  # one per text encoder, in order
-
-
-def embeddings_filename(name: str) -> str:
-    """The embeddings file beside a LoRA named `name` (kohya's `<name>.safetensors`)."""
-    return f"{name}_emb.safetensors"
 
 
 def token_names(trigger: str, vectors: int) -> list[str]:
@@ -136,12 +132,6 @@ def kohya_bundle(kind: str, trigger: str, state: dict[str, torch.Tensor]) -> dic
     if kind == "sd":
         return {f"bundle_emb.{trigger}.string_to_param.*": state["emb_params"]}
     return {f"bundle_emb.{trigger}.{key}": value for key, value in state.items()}
-
-
-def embeddings_file(folder: Path) -> Path | None:
-    """The textual-inversion file in a LoRA folder (final/, a checkpoint), if it has one."""
-    found = sorted(Path(folder).glob("*_emb.safetensors"))
-    return found[0] if found else None
 
 
 def without_bundle(path: Path) -> dict[str, torch.Tensor] | None:

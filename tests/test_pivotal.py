@@ -113,3 +113,12 @@ def test_pivotal_tuning_needs_a_one_word_trigger():
     cfg.set("data.trigger", "my style")
     with pytest.raises(config_mod.ConfigError, match="single word"):
         config_mod.validate(cfg)
+
+
+def test_the_model_card_loads_the_embedding_in_diffusers_and_says_where_it_goes_elsewhere(tmp_path):
+    from lora_trainer.hub.modelcard import render_model_card
+
+    run = run_training(tmp_path, **PIVOTAL)
+    card = render_model_card(run, "someone/my-lora")
+    assert 'pipe.load_textual_inversion(embedding["emb_params"], token="ohwx")' in card
+    assert "my-lora_emb.safetensors" in card and "embedding:my-lora_emb" in card
