@@ -12,6 +12,12 @@ Seeded and reproducible on CPU; about 40 minutes on 2 cores. Stages, each saved 
            that stays frozen at its seeded random initialisation (its features still tell every
            word apart; freezing it halves the cost of a step on a CPU).
 
+The base's captions carry one or two unrelated words before or after them 40 % / 20 % of the time
+(`augment`), so it reads past a word it does not know as SD reads past a rare trigger word. The
+committed base was built in two steps: 4000 steps on bare captions, then `--stages base --base-init
+<that base> --base-steps 1500` with augmented captions (46 min); a from-scratch build augments from
+the start.
+
 The result is an ordinary diffusers folder (`base/`) and transformers folder (`judge/`) beside this
 file, loaded through the same from_pretrained path as any other model.
 """
@@ -354,6 +360,10 @@ def _save_folder(pipe, folder: Path, info: dict) -> None:
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for config in tmp.glob("*/config.json"):  # a fine-tuned component remembers the folder it came from: not shipped
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (tmp / "toyworld.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
