@@ -249,6 +249,23 @@ def test_the_loss_plot_has_raw_and_smoothed_series():
     assert all(0.2 < r[1] < 0.8 for r in smooth[50:])  # the zigzag averaged out
 
 
+def test_validation_events_are_plotted_as_their_own_series_next_to_the_training_loss(tmp_path):
+    from lora_trainer.ui.tabs.train import loss_frame
+
+    events = [{"type": "started", "step": 0, "total_steps": 4}]
+    events += [{"type": "step", "step": s, "total_steps": 4, "loss": 1.0 / s} for s in range(1, 5)]
+    events.insert(3, {"type": "validation", "step": 2, "val_loss": 0.75, "images": 4})
+    events.append({"type": "validation", "step": 4, "val_loss": 0.5, "images": 4})
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    monitor = RunMonitor(tmp_path)
+    monitor.update()
+    frame = loss_frame(monitor)
+    validation = frame[frame["series"] == "validation"]
+    assert list(zip(validation["step"], validation["loss"], strict=True)) == [(2, 0.75), (4, 0.5)]
+    assert list(frame[frame["series"] == "raw"]["loss"]) == [1.0, 0.5, 1.0 / 3, 0.25]  # the training loss is as it was
+    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
+
+
 def test_console_tail_keeps_the_last_redraw_of_progress_bars(tmp_path):
     (tmp_path / jobs.CONSOLE_LOG).write_text("start\ntraining: 10%\rtraining: 50%\rtraining: 100%\nerror: boom\n")
     assert console_tail(tmp_path) == "start\ntraining: 100%\nerror: boom"

@@ -16,7 +16,7 @@ from ...preflight import format_duration
 from .. import evaluation, fields, jobs, presets, system
 from ..common import Shared, code, dora_note, info, md_escape, skip_all, user_errors
 from ..header import run_picker
-from ..monitor import RunMonitor, Status, console_tail, run_status
+from ..monitor import VALIDATION_SERIES, RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
@@ -75,8 +75,10 @@ class TrainTab:
             with gr.Row(equal_height=False):
                 self.loss = gr.LinePlot(
                     x="step", y="loss", color="series", label="Loss", scale=3, color_title="",
-                    caption="Blue: the loss of each step (noisy by nature). Orange: smoothed; it should drift down.",
-                    color_map={"raw": "#a3b8d6", "smoothed": "#e8590c"}, x_title="step", y_title="loss", elem_id="loss-plot",
+                    caption="Blue: the loss of each step (noisy by nature). Orange: smoothed; it should drift down. "
+                            "Green: validation loss on fixed images, noise and timesteps (comparable point to point).",
+                    color_map={"raw": "#a3b8d6", "smoothed": "#e8590c", VALIDATION_SERIES: "#2f9e44"},
+                    x_title="step", y_title="loss", elem_id="loss-plot",
                 )
                 self.samples = gr.Gallery(label="Samples (same prompts and seed), newest step first",
                                           columns=3, height=340, object_fit="contain", scale=2, elem_id="samples")
