@@ -1,5 +1,6 @@
-"""Train: presets, every config field (generated from the config's metadata), Check, Start / Stop /
-Resume, and the live view (step, ETA, loss, samples, memory) driven by a gr.Timer."""
+"""Train: presets, every config field (generated from the config's metadata), where to train (this
+machine or Hugging Face Jobs: ui/remote.py), Check, Start / Stop / Resume, and the live view (step, ETA,
+loss, samples, memory) driven by a gr.Timer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ... import captioners
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
-from .. import evaluation, fields, jobs, presets, system
+from .. import evaluation, fields, jobs, presets, remote, system
 from ..common import Shared, code, dora_note, info, md_escape, skip_all, user_errors
 from ..header import run_picker
 from ..monitor import VALIDATION_SERIES, RunMonitor, Status, console_tail, run_status
@@ -56,6 +57,17 @@ class TrainTab:
                                 for dotted in group:
                                     self.settings[dotted] = fields.control(dotted, min_width=260, scale=1,
                                                                            **_value(initial, dotted))
+            with gr.Row(equal_height=True, visible=system.jobs_enabled()):
+                self.where = gr.Radio(remote.WHERE_CHOICES, value=remote.LOCAL, label="Where to train", scale=2,
+                                      elem_id="train-where",
+                                      info="Hugging Face Jobs trains on your account's GPU (billed per minute) while "
+                                           "this page follows it; on a Space, sign in first (Publish tab).")
+                self.flavor = gr.Dropdown([], value=None, label="Hardware", scale=2, visible=False, elem_id="train-flavor",
+                                          info="The Hub's GPUs for Jobs, with its price per minute. Several GPUs train "
+                                               "data-parallel.")
+                self.timeout = gr.Textbox(remote.DEFAULT_TIMEOUT, label="Time limit", scale=1, visible=False,
+                                          elem_id="train-timeout", info="90m, 2h, 1d: the job stops there (what is "
+                                                                        "pushed is kept).")
             with gr.Row():
                 self.check = gr.Button("Check", variant="secondary", elem_id="check-run")
                 self.start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -98,11 +110,15 @@ class TrainTab:
     def wire(self) -> None:
         s, session = self.settings, self.shared.session
         self.check.click(check_run, [session], [self.check_report], inputs_kwargs=s, api_name="check_run")
-        self.start.click(start_training, [session], self.view, inputs_kwargs=s, api_name="start_training")
+        self.start.click(start_training, [session, self.where, self.flavor, self.timeout], self.view, inputs_kwargs=s,
+                         api_name="start_training")
+        self.where.change(where_changed, [self.where], [self.flavor, self.timeout], api_name="train_where",
+                          show_progress="minimal")
         self.stop.click(stop_training, [session], self.view, api_name="stop_training")
         self.resume.click(resume_training, [session], self.view, api_name="resume_training")
         self.hub_resume.click(continue_from_hub, [session, self.hub_repo], self.view, api_name="continue_from_hub")
         self.timer.tick(poll, [session], self.view, api_name="poll", show_progress="hidden", concurrency_limit=None)
+        self.shared.on_run_change(page_view, [session], self.view)  # a reload follows a run's Hugging Face job again
         preset_targets = [self.preset_note, self.shared.caption_style, *(s[n] for n in presets.FIELDS)]
         self.preset.change(apply_preset, [self.preset, self.shared.base], preset_targets, api_visibility="private")
         # .input, not .change: only a person's pick adapts the resolution, not a run's saved settings arriving
@@ -113,7 +129,6 @@ class TrainTab:
         # A new run starts from the preset the page shows, not from the previous run's form.
         own = [n for n in config_mod.field_names() if n not in SHARED_FIELDS]
         self.shared.on_new_run(fresh_settings, [session, self.preset, self.shared.base], [s[n] for n in own])
-        self.shared.on_run_change(full_view, [session], self.view)
 
 
 def apply_preset(name: str, base: str) -> tuple:
@@ -239,9 +254,40 @@ def _hub_token(oauth_token: gr.OAuthToken | None) -> str | None:
     return oauth_token.token if oauth_token else None
 
 
+def _username(profile: gr.OAuthProfile | None) -> str | None:
+    return profile.username if profile else None
+
+
 @user_errors
-def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, **settings: Any) -> tuple:
+def where_changed(where: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
+    """Hugging Face Jobs picked: list the Hub's GPU hardware (for this user's token) and show the time limit."""
+    if where != remote.HF_JOBS:
+        return gr.update(visible=False), gr.update(visible=False)
+    token = _hub_token(oauth_token)
+    if system.space_id() and token is None:
+        raise gr.Error("Sign in with Hugging Face (Publish tab) to train on Hugging Face Jobs: the jobs run on your account.")
+    choices = remote.flavor_choices(token)
+    return gr.update(choices=choices, value=choices[0][1] if choices else None, visible=True), gr.update(visible=True)
+
+
+def _jobs_args(where: str | None, flavor: str | None, timeout: str | None, token: str | None) -> list[str] | None:
+    """The follower's arguments when the run goes to Hugging Face Jobs; None to train here."""
+    if where != remote.HF_JOBS:
+        return None
+    if not system.jobs_enabled():
+        raise gr.Error("This app does not offer Hugging Face Jobs (LORA_STUDIO_JOBS is not set).")
+    if system.space_id() and token is None:
+        raise gr.Error("Sign in with Hugging Face (Publish tab) to train on Hugging Face Jobs: the jobs run on your account.")
+    return remote.start_args(flavor, timeout)
+
+
+@user_errors
+def start_training(session: Session, where: str | None = remote.LOCAL, flavor: str | None = None,
+                   timeout: str | None = remote.DEFAULT_TIMEOUT, oauth_token: gr.OAuthToken | None = None,
+                   oauth_profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple:
     run = _dataset_ready(session)
+    token = _hub_token(oauth_token)
+    job_args = _jobs_args(where, flavor, timeout, token)
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line). Stop it first, or make a New run.")
@@ -255,20 +301,30 @@ def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, *
             duration=None, print_exception=False,
         )
     cfg, notes = build_config(run, settings)
-    if not system.is_builtin(cfg.model.base) and not system.has_gpu():
+    if job_args is None and not system.is_builtin(cfg.model.base) and not system.has_gpu():
         notes.append("there is no GPU here: a real model trains for days on a CPU (Stop keeps what is done)")
     (run / "events.jsonl").unlink(missing_ok=True)  # a run that failed before its first checkpoint starts clean
     config_mod.save(cfg, run)
-    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    if job_args is None:
+        jobs.MANAGER.submit(run, hub_token=token)
+    else:
+        jobs.MANAGER.submit(run, hub_token=token, args=job_args, remote=True, owner=remote.owner(_username(oauth_profile)))
+        info("Submitting to Hugging Face Jobs: the run and its images go to a private repo of yours, then the job "
+             "starts (installing and loading take a few minutes). You can close this page: the job goes on.")
     for note in notes:
         info(f"Note: {note}.")
     return full_view(session)
 
 
 @user_errors
-def stop_training(session: Session) -> tuple:
+def stop_training(session: Session, oauth_token: gr.OAuthToken | None = None) -> tuple:
     run = session.current()
     outcome = jobs.MANAGER.stop(run) if run else "idle"
+    if outcome == "idle" and run is not None and remote.detached(run, jobs.MANAGER):
+        from ...hub import jobs as hub_jobs
+
+        hub_jobs.request_stop(run, token=_hub_token(oauth_token))  # nothing follows it here: ask the job directly
+        outcome = "stopping"
     message = {"stopping": "Stopping: the trainer saves a checkpoint after this step; Resume continues from it.",
                "cancelled": "Taken out of the line; nothing was trained.",
                "idle": "Nothing is running in this run."}[outcome]
@@ -277,14 +333,24 @@ def stop_training(session: Session) -> tuple:
 
 
 @user_errors
-def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) -> tuple:
+def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None,
+                    oauth_profile: gr.OAuthProfile | None = None) -> tuple:
     run = session.current()
     if run is None or not (run / config_mod.CONFIG_FILENAME).exists():
         raise gr.Error("Nothing to resume in this run: press Start training.")
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line).")
-    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    if remote.detached(run, jobs.MANAGER):  # its job still trains: follow it, never start a second one
+        if not remote.reattach(run, jobs.MANAGER, _hub_token(oauth_token), _username(oauth_profile)):
+            raise gr.Error("This run's Hugging Face job is still training: sign in with Hugging Face to follow it.")
+        return full_view(session)
+    job_args = remote.resume_args(run)  # a run that trained on Hugging Face Jobs goes on there
+    if job_args is None:
+        jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    else:
+        jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token), args=job_args, remote=True,
+                            owner=remote.owner(_username(oauth_profile)))
     return full_view(session)
 
 
@@ -325,9 +391,24 @@ def _monitor(session: Session, run: Path) -> RunMonitor:
     return monitors[run.name]
 
 
-def poll(session: Session) -> tuple:
+def poll(session: Session, oauth_token: gr.OAuthToken | None = None, oauth_profile: gr.OAuthProfile | None = None) -> tuple:
     """The timer's tick: new events only; unchanged parts of the page are not sent again."""
+    _follow_again(session, oauth_token, oauth_profile)
     return _render(session, force=False)
+
+
+def page_view(session: Session, oauth_token: gr.OAuthToken | None = None,
+              oauth_profile: gr.OAuthProfile | None = None) -> tuple:
+    """The whole view of the current run (page load, run switch)."""
+    _follow_again(session, oauth_token, oauth_profile)
+    return full_view(session)
+
+
+def _follow_again(session: Session, oauth_token: gr.OAuthToken | None, oauth_profile: gr.OAuthProfile | None) -> None:
+    """A run whose Hugging Face job trains on with nothing here following it (the app restarted) is followed again."""
+    run = session.current()
+    if run is not None and remote.reattach(run, jobs.MANAGER, _hub_token(oauth_token), _username(oauth_profile)):
+        info("This run trains on Hugging Face Jobs: following its job again.")
 
 
 def full_view(session: Session) -> tuple:
@@ -343,7 +424,8 @@ def _render(session: Session, *, force: bool) -> tuple:
     monitor.update()
     status = run_status(monitor, jobs.MANAGER)
     console = run / jobs.CONSOLE_LOG
-    key = (run.name, monitor.offset, status, console.stat().st_size if console.exists() else 0)
+    where = remote.status_line(run)  # a Hugging Face job's stage changes without an event
+    key = (run.name, monitor.offset, status, console.stat().st_size if console.exists() else 0, where)
     previous = session.cache.get("rendered")
     if not force and previous == key:
         return skip_all(len(_VIEW_FIELDS))
@@ -351,7 +433,7 @@ def _render(session: Session, *, force: bool) -> tuple:
     state_changed = previous is None or previous[0] != key[0] or previous[2] != status
     has_progress = bool(monitor.checkpoints) or (run / "checkpoints").is_dir() or (run / "final").is_dir()
     return (
-        status_markdown(monitor, status),
+        status_markdown(monitor, status) + (f"\n\n{where}" if where else ""),
         loss_frame(monitor),
         gr.update(value=monitor.sample_items(), columns=max(1, len(next(iter(monitor.samples.values()), [None] * 3)))),
         memory_markdown(monitor),
