@@ -13,7 +13,17 @@ import pytest
 from conftest import make_images
 from fake_hub import WRITE_TOKEN, FakeHub
 from gradio_client.exceptions import AppError
-from test_app import TINY_TRAINING, current_run, new_client, poll_until, serve, settle, start, upload_images
+from test_app import (
+    TINY_TRAINING,
+    current_run,
+    merge,
+    new_client,
+    poll_until,
+    serve,
+    settle,
+    start,
+    upload_images,
+)
 
 from lora_trainer.hub import jobrunner
 from lora_trainer.hub import jobs as hub_jobs
@@ -82,8 +92,8 @@ def test_a_run_trains_on_jobs_from_the_page_is_followed_again_after_a_restart_st
 
     # Start on Jobs: the job's events reach the same live view as a local run's.
     client.predict("hf-jobs", api_name="/train_where")
-    view = poll_until(client, "Training**: step", "failed", view=start(client, **ON_JOBS, **JOB_TRAINING))
-    assert "Training**: step" in view["status"], view["status"]
+    view = poll_until(client, "s/step", "failed", view=start(client, **ON_JOBS, **JOB_TRAINING))
+    assert "Training**: step" in view["status"] and "ETA" in view["status"], view["status"]
     run = run_folder(workspace, client)
     state = hub_jobs.job_state(run)
     first = hub.jobs[state.current.id]
@@ -102,8 +112,8 @@ def test_a_run_trains_on_jobs_from_the_page_is_followed_again_after_a_restart_st
     # The app restarts while the job trains (its follower ends, the job goes on); the page follows it again.
     steps_before = sum(e["type"] == "step" for e in events_of(run))
     assert jobs.MANAGER.detach(run) is True
-    view = poll_until(client, "Training**: step", view=view)
-    assert jobs.MANAGER.get(run).args == ["--on", "hf-jobs", "--attach"]
+    view = merge(view, client.predict(api_name="/poll"))  # the page's next tick
+    assert jobs.MANAGER.get(run).args == ["--on", "hf-jobs", "--attach"] and view["timer"]["active"] is True
     view = poll_until(client, f"step {steps_before + 2} /", f"step {steps_before + 3} /", "Finished", view=view)
     assert len(hub.jobs) == 1  # the same job, not a new one
 

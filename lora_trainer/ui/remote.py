@@ -16,14 +16,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gradio as gr
+
 from ..errors import LoraStudioError
 from . import jobs, system
+from .common import user_errors
 
 LOCAL, HF_JOBS = "local", "hf-jobs"
 WHERE_CHOICES = [("This machine", LOCAL), ("Hugging Face Jobs (a GPU on your account, billed to it)", HF_JOBS)]
 DEFAULT_TIMEOUT = "2h"
 TIMEOUT_PATTERN = re.compile(r"^\d+(\.\d+)?[smhd]?$")  # what huggingface_hub's run_job accepts: 90m, 2h, 3600
 THIS_MACHINE = "this machine"  # the owner of jobs started with this machine's own token (off a Space)
+SIGN_IN = "Sign in with Hugging Face (Publish tab) to train on Hugging Face Jobs: the jobs run on your account."
 
 
 class JobsSettingError(LoraStudioError):
@@ -42,8 +46,39 @@ def flavor_choices(token: str | None) -> list[tuple[str, str]]:
     return [(f.describe(), f.name) for f in hub_jobs.list_flavors(token, system.hub_endpoint()) if f.gpus]
 
 
-def start_args(flavor: str | None, timeout: str | None) -> list[str]:
-    """The follower's arguments for a new job."""
+def controls() -> tuple[gr.Radio, gr.Dropdown, gr.Textbox]:
+    """Where to train, the hardware and the time limit (a row shown only where Jobs is enabled)."""
+    with gr.Row(equal_height=True, visible=system.jobs_enabled()):
+        where = gr.Radio(WHERE_CHOICES, value=LOCAL, label="Where to train", scale=2, elem_id="train-where",
+                         info="Hugging Face Jobs trains on your account's GPU (billed per minute) while this page "
+                              "follows it; on a Space, sign in first (Publish tab).")
+        flavor = gr.Dropdown([], value=None, label="Hardware", scale=2, visible=False, elem_id="train-flavor",
+                             info="The Hub's GPUs for Jobs, with its price per minute. Several GPUs train data-parallel.")
+        timeout = gr.Textbox(DEFAULT_TIMEOUT, label="Time limit", scale=1, visible=False, elem_id="train-timeout",
+                             info="90m, 2h, 1d: the job ends there (what it pushed is kept).")
+    return where, flavor, timeout
+
+
+@user_errors
+def where_changed(where: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
+    """Hugging Face Jobs picked: list the Hub's GPU hardware (for this user's token) and show the time limit."""
+    if where != HF_JOBS:
+        return gr.update(visible=False), gr.update(visible=False)
+    token = oauth_token.token if oauth_token else None
+    if system.space_id() and token is None:
+        raise JobsSettingError(SIGN_IN)
+    choices = flavor_choices(token)
+    return gr.update(choices=choices, value=choices[0][1] if choices else None, visible=True), gr.update(visible=True)
+
+
+def start_args(where: str | None, flavor: str | None, timeout: str | None, token: str | None) -> list[str] | None:
+    """The follower's arguments when the run goes to Hugging Face Jobs; None to train on this machine."""
+    if where != HF_JOBS:
+        return None
+    if not system.jobs_enabled():
+        raise JobsSettingError("This app does not offer Hugging Face Jobs (LORA_STUDIO_JOBS is not set).")
+    if system.space_id() and token is None:
+        raise JobsSettingError(SIGN_IN)
     if not flavor:
         raise JobsSettingError("Pick the hardware to train on (Hugging Face Jobs lists its GPUs with their prices).")
     timeout = (timeout or "").strip()

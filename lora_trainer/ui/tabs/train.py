@@ -57,17 +57,7 @@ class TrainTab:
                                 for dotted in group:
                                     self.settings[dotted] = fields.control(dotted, min_width=260, scale=1,
                                                                            **_value(initial, dotted))
-            with gr.Row(equal_height=True, visible=system.jobs_enabled()):
-                self.where = gr.Radio(remote.WHERE_CHOICES, value=remote.LOCAL, label="Where to train", scale=2,
-                                      elem_id="train-where",
-                                      info="Hugging Face Jobs trains on your account's GPU (billed per minute) while "
-                                           "this page follows it; on a Space, sign in first (Publish tab).")
-                self.flavor = gr.Dropdown([], value=None, label="Hardware", scale=2, visible=False, elem_id="train-flavor",
-                                          info="The Hub's GPUs for Jobs, with its price per minute. Several GPUs train "
-                                               "data-parallel.")
-                self.timeout = gr.Textbox(remote.DEFAULT_TIMEOUT, label="Time limit", scale=1, visible=False,
-                                          elem_id="train-timeout", info="90m, 2h, 1d: the job stops there (what is "
-                                                                        "pushed is kept).")
+            self.where, self.flavor, self.timeout = remote.controls()
             with gr.Row():
                 self.check = gr.Button("Check", variant="secondary", elem_id="check-run")
                 self.start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -112,7 +102,7 @@ class TrainTab:
         self.check.click(check_run, [session], [self.check_report], inputs_kwargs=s, api_name="check_run")
         self.start.click(start_training, [session, self.where, self.flavor, self.timeout], self.view, inputs_kwargs=s,
                          api_name="start_training")
-        self.where.change(where_changed, [self.where], [self.flavor, self.timeout], api_name="train_where",
+        self.where.change(remote.where_changed, [self.where], [self.flavor, self.timeout], api_name="train_where",
                           show_progress="minimal")
         self.stop.click(stop_training, [session], self.view, api_name="stop_training")
         self.resume.click(resume_training, [session], self.view, api_name="resume_training")
@@ -259,35 +249,12 @@ def _username(profile: gr.OAuthProfile | None) -> str | None:
 
 
 @user_errors
-def where_changed(where: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
-    """Hugging Face Jobs picked: list the Hub's GPU hardware (for this user's token) and show the time limit."""
-    if where != remote.HF_JOBS:
-        return gr.update(visible=False), gr.update(visible=False)
-    token = _hub_token(oauth_token)
-    if system.space_id() and token is None:
-        raise gr.Error("Sign in with Hugging Face (Publish tab) to train on Hugging Face Jobs: the jobs run on your account.")
-    choices = remote.flavor_choices(token)
-    return gr.update(choices=choices, value=choices[0][1] if choices else None, visible=True), gr.update(visible=True)
-
-
-def _jobs_args(where: str | None, flavor: str | None, timeout: str | None, token: str | None) -> list[str] | None:
-    """The follower's arguments when the run goes to Hugging Face Jobs; None to train here."""
-    if where != remote.HF_JOBS:
-        return None
-    if not system.jobs_enabled():
-        raise gr.Error("This app does not offer Hugging Face Jobs (LORA_STUDIO_JOBS is not set).")
-    if system.space_id() and token is None:
-        raise gr.Error("Sign in with Hugging Face (Publish tab) to train on Hugging Face Jobs: the jobs run on your account.")
-    return remote.start_args(flavor, timeout)
-
-
-@user_errors
 def start_training(session: Session, where: str | None = remote.LOCAL, flavor: str | None = None,
                    timeout: str | None = remote.DEFAULT_TIMEOUT, oauth_token: gr.OAuthToken | None = None,
                    oauth_profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple:
     run = _dataset_ready(session)
     token = _hub_token(oauth_token)
-    job_args = _jobs_args(where, flavor, timeout, token)
+    job_args = remote.start_args(where, flavor, timeout, token)  # None: train on this machine
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line). Stop it first, or make a New run.")
