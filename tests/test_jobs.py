@@ -115,6 +115,46 @@ def test_a_second_job_waits_in_line_and_starts_when_the_first_ends(manager, tmp_
     assert second_start >= first_end
 
 
+def test_a_hugging_face_job_starts_at_once_beside_a_local_one_with_its_own_arguments(manager, tmp_path):
+    local, followed = make_run(tmp_path, "local", mode="hold"), make_run(tmp_path, "followed", mode="hold")
+    manager.submit(local)
+    job = manager.submit(followed, args=["--on", "hf-jobs", "--flavor", "l4x1"], remote=True, owner="alice")
+    assert job.state == jobs.RUNNING  # the GPU is the Hub's: no place in this machine's line
+    assert job.proc.args[-4:] == ["--on", "hf-jobs", "--flavor", "l4x1"]
+    assert manager.get(local).state == jobs.RUNNING
+    waiting = manager.submit(make_run(tmp_path, "waiting"))
+    assert waiting.state == jobs.QUEUED  # a local run still waits for the local one
+
+
+def test_one_hugging_face_job_per_account(manager, tmp_path):
+    manager.submit(make_run(tmp_path, "a", mode="hold"), remote=True, owner="alice")
+    with pytest.raises(jobs.OneJobEach, match="one job per account"):
+        manager.submit(make_run(tmp_path, "b", mode="hold"), remote=True, owner="alice")
+    assert manager.get(tmp_path / "b") is None
+    assert manager.submit(make_run(tmp_path, "c", mode="hold"), remote=True, owner="bob").state == jobs.RUNNING
+    assert manager.remote_job_of("alice").run_dir == (tmp_path / "a").resolve()
+
+
+def test_detaching_ends_the_follower_without_asking_its_job_to_stop(manager, tmp_path):
+    run = make_run(tmp_path, "a")
+    job = manager.submit(run, remote=True, owner="alice")
+    wait_for(lambda: (run / "events.jsonl").exists() and "step" in events_of(run))
+    assert manager.detach(run) is True
+    assert job.proc.returncode == -9  # killed: SIGTERM would have meant "save and stop the job"
+    assert "stopped" not in events_of(run) and manager.get(run) is None
+    assert manager.submit(make_run(tmp_path, "b", mode="hold"), remote=True, owner="alice").state == jobs.RUNNING
+
+
+def test_shutdown_stops_local_trainers_but_leaves_hugging_face_jobs_training(manager, tmp_path):
+    local, followed = make_run(tmp_path, "local"), make_run(tmp_path, "followed")
+    manager.submit(local)
+    follower = manager.submit(followed, remote=True, owner="alice")
+    wait_for(lambda: all((r / "events.jsonl").exists() and "step" in events_of(r) for r in (local, followed)))
+    manager.shutdown(timeout=30)
+    assert events_of(local)[-1] == "stopped"
+    assert follower.proc.returncode == -9 and "stopped" not in events_of(followed)
+
+
 def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path):
     from lora_trainer.ui.tabs.train import status_markdown
 
