@@ -30,6 +30,9 @@ signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 print("fake trainer says hello", flush=True)
 while mode == "hold" and not (run / "release").exists():  # a trainer still loading its model
     time.sleep(0.02)
+if mode == "refuse":  # the command line says what is wrong and exits before training (cli.main)
+    print("error: Hugging Face Jobs needs a payment method or prepaid credit", file=sys.stderr, flush=True)
+    sys.exit(1)
 if mode == "crash":
     print("Traceback (most recent call last):\nMemoryError: the fake trainer ran out", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -242,6 +245,17 @@ def test_a_crash_without_a_failed_event_shows_the_end_of_the_console(manager, tm
     assert status.state == "failed"
     assert "status 3" in status.error
     assert "MemoryError: the fake trainer ran out" in status.hint
+
+
+def test_a_command_that_refuses_to_start_shows_its_own_message(manager, tmp_path):
+    run = make_run(tmp_path, "a", mode="refuse")
+    manager.submit(run, remote=True, owner="alice")
+    manager.wait(run, timeout=60)
+    monitor = RunMonitor(run)
+    monitor.update()
+    status = run_status(monitor, manager)
+    assert status.state == "failed"
+    assert status.error == "Hugging Face Jobs needs a payment method or prepaid credit"
 
 
 def test_a_run_that_started_but_never_ended_reads_as_interrupted_after_a_restart(tmp_path):

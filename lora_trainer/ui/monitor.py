@@ -17,6 +17,7 @@ from . import jobs
 
 MAX_PLOT_POINTS = 1500  # raw points sent to the plot; longer runs are thinned evenly
 VALIDATION_SERIES = "validation"
+CLI_ERROR = "error: "  # how `python -m lora_trainer` prints a problem the user can fix (cli.main, hub/jobcli.py)
 
 
 @dataclass
@@ -124,9 +125,15 @@ def run_status(monitor: RunMonitor, manager: jobs.JobManager) -> Status:
     if terminal is not None:
         return _ended(terminal)
     if job is not None and job.state == jobs.ENDED and job.returncode not in (0, None):
+        tail = console_tail(monitor.run_dir)
+        # The command line refused before training (a Hugging Face job the Hub would not start: no credit, no
+        # Jobs permission, an unknown flavour): its one-line message says what to do.
+        said = next((line for line in reversed(tail.splitlines()) if line.startswith(CLI_ERROR)), None)
+        if said is not None:
+            return Status("failed", error=said.removeprefix(CLI_ERROR), hint=tail if job.remote else "")
         # Died without a `failed` event (killed, out of memory, an import error): show its last words.
         return Status("failed", error=f"the trainer exited with status {job.returncode} before reporting why",
-                      hint=console_tail(monitor.run_dir))
+                      hint=tail)
     if monitor.started is not None:
         return Status("interrupted")
     return Status("new")
