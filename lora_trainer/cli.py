@@ -269,7 +269,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     result = push_run(
         args.run, args.repo, token=args.token, private=args.private, endpoint=args.endpoint,
-        progress=lambda message: print(message, file=sys.stderr),
+        progress=lambda message: print(message, file=sys.stderr), checkpoint=args.checkpoint,
     )
     print(result.url)
     return 0
@@ -322,6 +322,9 @@ def _add_caption_and_push(sub) -> None:
     p.add_argument("run", metavar="RUN", help="Run folder with a finished final/ LoRA.")
     p.add_argument("--repo", required=True, help="Hub repo to publish to: user/name or org/name (created if missing).")
     p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo keeps its visibility).")
+    p.add_argument("--checkpoint", choices=("best", "final"), default=None,
+                   help="Which LoRA to publish: best (the checkpoint the evaluation recommends, RUN/best/) or final "
+                   "(the last step). Default: best when the run has one, else final.")
     # No default value here: a default would print the token in --help. It is read when pushing.
     p.add_argument(
         "--token", default=None,

@@ -493,11 +493,46 @@ def test_publishing_with_no_token_anywhere_says_how_to_get_one(trained):
         client.predict("stripes-lora", True, "", api_name="/publish")
 
 
+def test_publish_offers_the_evaluations_pick_first_and_publishes_the_chosen_checkpoint(trained, hub):
+    import shutil
+
+    from lora_trainer.evaluate import EvalSettings, Recommendation, Row, save_evaluation
+
+    client, _, run = trained
+    assert client.predict(api_name="/publish_checkpoints")["value"] == "final"  # not evaluated yet: only final/
+    rows = [Row("base", 0, style=0.1, adherence=0.3, leak=0.1), Row("step-000005", 5, style=0.6, adherence=0.3, leak=0.1),
+            Row("final", 10, style=0.7, adherence=0.1, leak=0.6)]
+    save_evaluation(run, rows, Recommendation("step-000005", 5, "the most style that keeps the prompt", "clip", True),
+                    EvalSettings(), [], 1.0)
+    try:
+        offered = client.predict(api_name="/publish_checkpoints")
+        assert offered["value"] == "best"
+        assert [label for label, _ in offered["choices"]] == ["Recommended by the evaluation: step 5 (best/)",
+                                                               "The last step: step 10 (final/)"]
+        assert "the most style that keeps the prompt" in offered["info"]
+
+        result = client.predict("stripes-best", True, WRITE_TOKEN, "best", api_name="/publish")
+        assert "recommended checkpoint" in result
+        files = hub.repos["alice/stripes-best"].files
+        checkpoint = run / "checkpoints/step-000005/pytorch_lora_weights.safetensors"
+        assert files["pytorch_lora_weights.safetensors"] == checkpoint.read_bytes()
+        assert "recommends: step 5 of 10" in files["README.md"].decode()
+
+        client.predict("stripes-best", True, WRITE_TOKEN, "final", api_name="/publish")
+        final = (run / "final/pytorch_lora_weights.safetensors").read_bytes()
+        assert hub.repos["alice/stripes-best"].files["pytorch_lora_weights.safetensors"] == final
+    finally:  # the shared trained run goes back to unevaluated for the tests after this one
+        shutil.rmtree(run / "best", ignore_errors=True)
+        (run / "evaluation.json").unlink(missing_ok=True)
+
+
 # -- the page itself -------------------------------------------------------------------------------------
 def test_every_config_field_has_a_control_with_its_own_help_text(app):
     demo, url = app
     fn = next(f for f in demo.fns.values() if f.api_name == "start_training")
-    by_name = dict(zip(fn.input_parameter_names[1:], fn.inputs[1:], strict=True))
+    jobs_choice = {"where", "flavor", "timeout"}  # where to train (tests/test_jobs_ui.py), not config fields
+    by_name = {name: component for name, component in zip(fn.input_parameter_names[1:], fn.inputs[1:], strict=True)
+               if name not in jobs_choice}
     assert set(by_name) == set(config_mod.field_names())
     for dotted, component in by_name.items():
         info = config_mod.field_info(dotted)

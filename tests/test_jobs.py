@@ -30,6 +30,9 @@ signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 print("fake trainer says hello", flush=True)
 while mode == "hold" and not (run / "release").exists():  # a trainer still loading its model
     time.sleep(0.02)
+if mode == "refuse":  # the command line says what is wrong and exits before training (cli.main)
+    print("error: Hugging Face Jobs needs a payment method or prepaid credit", file=sys.stderr, flush=True)
+    sys.exit(1)
 if mode == "crash":
     print("Traceback (most recent call last):\nMemoryError: the fake trainer ran out", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -113,6 +116,46 @@ def test_a_second_job_waits_in_line_and_starts_when_the_first_ends(manager, tmp_
     first_end = json.loads((first / "events.jsonl").read_text().splitlines()[-1])["time"]
     second_start = json.loads((second / "events.jsonl").read_text().splitlines()[0])["time"]
     assert second_start >= first_end
+
+
+def test_a_hugging_face_job_starts_at_once_beside_a_local_one_with_its_own_arguments(manager, tmp_path):
+    local, followed = make_run(tmp_path, "local", mode="hold"), make_run(tmp_path, "followed", mode="hold")
+    manager.submit(local)
+    job = manager.submit(followed, args=["--on", "hf-jobs", "--flavor", "l4x1"], remote=True, owner="alice")
+    assert job.state == jobs.RUNNING  # the GPU is the Hub's: no place in this machine's line
+    assert job.proc.args[-4:] == ["--on", "hf-jobs", "--flavor", "l4x1"]
+    assert manager.get(local).state == jobs.RUNNING
+    waiting = manager.submit(make_run(tmp_path, "waiting"))
+    assert waiting.state == jobs.QUEUED  # a local run still waits for the local one
+
+
+def test_one_hugging_face_job_per_account(manager, tmp_path):
+    manager.submit(make_run(tmp_path, "a", mode="hold"), remote=True, owner="alice")
+    with pytest.raises(jobs.OneJobEach, match="one job per account"):
+        manager.submit(make_run(tmp_path, "b", mode="hold"), remote=True, owner="alice")
+    assert manager.get(tmp_path / "b") is None
+    assert manager.submit(make_run(tmp_path, "c", mode="hold"), remote=True, owner="bob").state == jobs.RUNNING
+    assert manager.remote_job_of("alice").run_dir == (tmp_path / "a").resolve()
+
+
+def test_detaching_ends_the_follower_without_asking_its_job_to_stop(manager, tmp_path):
+    run = make_run(tmp_path, "a")
+    job = manager.submit(run, remote=True, owner="alice")
+    wait_for(lambda: (run / "events.jsonl").exists() and "step" in events_of(run))
+    assert manager.detach(run) is True
+    assert job.proc.returncode == -9  # killed: SIGTERM would have meant "save and stop the job"
+    assert "stopped" not in events_of(run) and manager.get(run) is None
+    assert manager.submit(make_run(tmp_path, "b", mode="hold"), remote=True, owner="alice").state == jobs.RUNNING
+
+
+def test_shutdown_stops_local_trainers_but_leaves_hugging_face_jobs_training(manager, tmp_path):
+    local, followed = make_run(tmp_path, "local"), make_run(tmp_path, "followed")
+    manager.submit(local)
+    follower = manager.submit(followed, remote=True, owner="alice")
+    wait_for(lambda: all((r / "events.jsonl").exists() and "step" in events_of(r) for r in (local, followed)))
+    manager.shutdown(timeout=30)
+    assert events_of(local)[-1] == "stopped"
+    assert follower.proc.returncode == -9 and "stopped" not in events_of(followed)
 
 
 def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path):
@@ -204,6 +247,17 @@ def test_a_crash_without_a_failed_event_shows_the_end_of_the_console(manager, tm
     assert "MemoryError: the fake trainer ran out" in status.hint
 
 
+def test_a_command_that_refuses_to_start_shows_its_own_message(manager, tmp_path):
+    run = make_run(tmp_path, "a", mode="refuse")
+    manager.submit(run, remote=True, owner="alice")
+    manager.wait(run, timeout=60)
+    monitor = RunMonitor(run)
+    monitor.update()
+    status = run_status(monitor, manager)
+    assert status.state == "failed"
+    assert status.error == "Hugging Face Jobs needs a payment method or prepaid credit"
+
+
 def test_a_run_that_started_but_never_ended_reads_as_interrupted_after_a_restart(tmp_path):
     run = tmp_path / "a"
     run.mkdir()
@@ -247,6 +301,23 @@ def test_the_loss_plot_has_raw_and_smoothed_series():
     assert [r[1] for r in raw] == [float(s % 2) for s in range(1, 101)]
     assert smooth[0][1] == pytest.approx(1.0)  # bias-corrected: starts at the first value
     assert all(0.2 < r[1] < 0.8 for r in smooth[50:])  # the zigzag averaged out
+
+
+def test_validation_events_are_plotted_as_their_own_series_next_to_the_training_loss(tmp_path):
+    from lora_trainer.ui.tabs.train import loss_frame
+
+    events = [{"type": "started", "step": 0, "total_steps": 4}]
+    events += [{"type": "step", "step": s, "total_steps": 4, "loss": 1.0 / s} for s in range(1, 5)]
+    events.insert(3, {"type": "validation", "step": 2, "val_loss": 0.75, "images": 4})
+    events.append({"type": "validation", "step": 4, "val_loss": 0.5, "images": 4})
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    monitor = RunMonitor(tmp_path)
+    monitor.update()
+    frame = loss_frame(monitor)
+    validation = frame[frame["series"] == "validation"]
+    assert list(zip(validation["step"], validation["loss"], strict=True)) == [(2, 0.75), (4, 0.5)]
+    assert list(frame[frame["series"] == "raw"]["loss"]) == [1.0, 0.5, 1.0 / 3, 0.25]  # the training loss is as it was
+    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
 
 
 def test_console_tail_keeps_the_last_redraw_of_progress_bars(tmp_path):

@@ -32,6 +32,10 @@ from ..models import guess_kind
 from .client import looks_like_repo_id
 
 LOSS_CURVE = "loss.png"
+# The LoRA folders of a run that can be published: the evaluation's pick (evaluate.BEST_DIR) and the last step.
+BEST, FINAL = "best", "final"
+CHECKPOINTS = (BEST, FINAL)
+PICK_FILE = "evaluation.json"  # in best/: the pick's step, scores and the reason (evaluate.save_evaluation)
 LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
 KIND_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 # Config fields that change speed or paths, not the LoRA: left out of the card's settings table.
@@ -68,6 +72,8 @@ class RunSummary:
     dora: bool = False
     embeddings_file: Path | None = None  # the trigger's learned embedding (pivotal tuning)
     sample_step: int | None = None
+    checkpoint: str = FINAL  # the folder published: final/ (the last step) or best/ (the evaluation's pick)
+    pick: dict[str, Any] = field(default_factory=dict)  # best/evaluation.json: checkpoint, step, reason
     # (path relative to the run folder, prompt) of the newest sampled step: the card's gallery.
     widget_samples: list[tuple[str, str]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -99,13 +105,31 @@ def _embedding_lines(run: RunSummary, repo_id: str) -> list[str]:
     return lines + [f'pipe.load_textual_inversion(embedding["emb_params"], token="{run.trigger}")']
 
 
-def read_run(run_dir: str | Path) -> RunSummary:
-    """Collect what the card and the upload need; raise RunNotReadyError if there is no final LoRA."""
+def publishable_checkpoints(run_dir: str | Path) -> list[str]:
+    """The run's LoRA folders that can be published, the recommended one (best/) first."""
+    return [name for name in CHECKPOINTS if (Path(run_dir) / name / DIFFUSERS_FILENAME).is_file()]
+
+
+def default_checkpoint(run_dir: str | Path) -> str:
+    """best/ when the evaluation picked a checkpoint, else final/."""
+    return (publishable_checkpoints(run_dir) or [FINAL])[0]
+
+
+def read_run(run_dir: str | Path, checkpoint: str = FINAL) -> RunSummary:
+    """Collect what the card and the upload need for the LoRA in `checkpoint` (final or best); raise
+    RunNotReadyError if that folder has no LoRA."""
     run_dir = Path(run_dir)
-    final = run_dir / "final"
+    if checkpoint not in CHECKPOINTS:
+        raise RunNotReadyError(f"'{checkpoint}' is not a LoRA folder of a run: publish {' or '.join(CHECKPOINTS)}.")
+    final = run_dir / checkpoint
     if not run_dir.is_dir():
         raise RunNotReadyError(f"There is no run folder at {run_dir}: check the path.")
     if not (final / DIFFUSERS_FILENAME).is_file():
+        if checkpoint == BEST:
+            raise RunNotReadyError(
+                f"{run_dir} has no recommended checkpoint ({final / DIFFUSERS_FILENAME} is missing): evaluate the run "
+                "first (`python -m lora_trainer evaluate RUN`, or Evaluate on the Train tab), or publish final."
+            )
         raise RunNotReadyError(
             f"{run_dir} has no finished LoRA yet ({final / DIFFUSERS_FILENAME} is missing). "
             "Let training run to the end (or resume it), then publish."
@@ -132,8 +156,11 @@ def read_run(run_dir: str | Path) -> RunSummary:
         dora=bool(info.get("use_dora", cfg.lora.use_dora if cfg else False)),
         embeddings_file=embeddings_file(final),
         events=events,
+        checkpoint=checkpoint,
+        pick=_read_json(final / PICK_FILE) if checkpoint == BEST else {},
     )
-    summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg)
+    # The gallery shows what the published LoRA drew: for best/, the newest samples up to its step.
+    summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg, max_step=summary.steps)
     return summary
 
 
@@ -169,11 +196,13 @@ def _steps(info: dict[str, Any], metadata: dict[str, str], events: list[dict[str
 
 
 def _latest_samples(
-    run_dir: Path, events: list[dict[str, Any]], cfg: config_mod.TrainConfig | None
+    run_dir: Path, events: list[dict[str, Any]], cfg: config_mod.TrainConfig | None, max_step: int | None = None
 ) -> tuple[int | None, list[tuple[str, str]]]:
-    """Images and prompts of the newest sampled step whose files exist (and are uploaded: see sample_files)."""
+    """Images and prompts of the newest sampled step (at most `max_step`) whose files exist (and are uploaded:
+    see sample_files)."""
     uploaded = {p.relative_to(run_dir).as_posix() for p in sample_files(run_dir)}
-    for event in sorted((e for e in events if e["type"] == "sample"), key=lambda e: e.get("step", 0), reverse=True):
+    sampled = [e for e in events if e["type"] == "sample" and (max_step is None or e.get("step", 0) <= max_step)]
+    for event in sorted(sampled, key=lambda e: e.get("step", 0), reverse=True):
         pairs = [
             (Path(image).as_posix(), prompt)
             for image, prompt in zip(event.get("images", []), event.get("prompts", []), strict=False)
@@ -196,12 +225,13 @@ def _latest_samples(
 
 
 # -- the card -----------------------------------------------------------------------------------
-def render_model_card(run_dir: str | Path, repo_id: str) -> str:
-    """README.md for `repo_id`: diffusers-style YAML front matter, then usage, settings and loss curve.
+def render_model_card(run_dir: str | Path, repo_id: str, checkpoint: str = FINAL) -> str:
+    """README.md for `repo_id` publishing the LoRA in `checkpoint` (final or best): diffusers-style YAML front
+    matter, then which checkpoint and why, usage, settings, loss curve and the evaluation.
 
-    Raises RunNotReadyError when the run has no final LoRA.
+    Raises RunNotReadyError when the run has no LoRA there.
     """
-    run = read_run(run_dir)
+    run = read_run(run_dir, checkpoint)
     hub_base = run.hub_base_model
     data = ModelCardData(
         base_model=hub_base,  # None (left out) unless it really is a Hub id
@@ -235,6 +265,7 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         "",
         f"A {family} LoRA for {base_text}, trained with LoRA Studio.",
         "",
+        *_published_lines(run),
         "## Trigger word",
         "",
         f"Use `{run.trigger}` in your prompt to trigger what this LoRA learned." if run.trigger else "This LoRA has no trigger word.",
@@ -292,15 +323,38 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         lines += ["## Training loss", "", f"![Training loss]({LOSS_CURVE})", ""]
     from ..eval_report import evaluation_markdown
 
-    evaluation = evaluation_markdown(run.run_dir, published="final")
+    evaluation = evaluation_markdown(run.run_dir, published=run.checkpoint)
     if evaluation:
         lines += [evaluation, ""]
     return lines
 
 
+def _published_lines(run: RunSummary) -> list[str]:
+    """Which checkpoint this repository holds, and why (the evaluation's reason for its pick)."""
+    if run.checkpoint == BEST:
+        step = run.pick.get("step", run.steps)
+        last = _last_step(run.events)
+        of = f" of {last}" if last is not None and last != step else ""
+        reason = run.pick.get("reason") or "see the evaluation below"
+        return [f"**This is the checkpoint the evaluation recommends: step {step}{of}**, not necessarily the last "
+                f"step of training. Why: {_md(reason)}.", ""]
+    pick = _read_json(run.run_dir / BEST / PICK_FILE)
+    if pick.get("step") is not None and pick.get("step") != run.steps:
+        return [f"This is the last step of training (step {run.steps}). The evaluation recommends step "
+                f"{pick['step']} instead: {_md(pick.get('reason') or 'see the evaluation below')}.", ""]
+    return []
+
+
+def _last_step(events: list[dict[str, Any]]) -> int | None:
+    steps = [e["step"] for e in events if e["type"] in ("step", "finished") and isinstance(e.get("step"), int)]
+    return max(steps) if steps else None
+
+
 def _settings_rows(run: RunSummary) -> list[tuple[str, str]]:
     rows = [("base model", run.base if not Path(run.base).is_absolute() else Path(run.base).name)]
     rows.append(("steps trained", str(run.steps) if run.steps is not None else "unknown"))
+    if run.checkpoint == BEST:
+        rows.append(("published checkpoint", f"step {run.steps} (recommended by the evaluation)"))
     if run.config is None:
         return rows
     cfg = run.config.to_dict()

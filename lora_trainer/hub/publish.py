@@ -28,9 +28,20 @@ from .client import (
     resolve_token,
     retrying,
 )
-from .modelcard import LOSS_CURVE, RunNotReadyError, loss_curve_png, read_run, render_model_card, sample_files
+from .modelcard import (
+    LOSS_CURVE,
+    PICK_FILE,
+    RunNotReadyError,
+    default_checkpoint,
+    loss_curve_png,
+    publishable_checkpoints,
+    read_run,
+    render_model_card,
+    sample_files,
+)
 
 log = logging.getLogger("lora_trainer.hub")
+__all__ = ["default_checkpoint", "download_lora", "lora_candidates", "publishable_checkpoints", "push_run"]
 Progress = Callable[[str], None]
 
 
@@ -43,11 +54,15 @@ def push_run(
     private: bool = False,
     endpoint: str | None = None,
     progress: Progress | None = None,
+    checkpoint: str | None = None,
 ) -> PushResult:
     """Publish a finished run to `repo_id` in one commit and return where it went.
 
-    Uploads both LoRA files of final/ (and lora_info.json), every sample image, config.toml, a model
-    card (README.md) and the loss curve (loss.png). Creates the repo if needed (`private` only applies
+    `checkpoint` is the LoRA folder published: "best" (the checkpoint the evaluation recommends, with
+    its scores and reason in evaluation.json) or "final" (the last step); None takes best/ when the
+    run has one, else final/. Uploads both LoRA files of that folder (and lora_info.json), every
+    sample image, config.toml, a model card (README.md, saying which checkpoint and why) and the loss
+    curve (loss.png). Creates the repo if needed (`private` only applies
     then). `repo_id` may be a bare name, which goes to the token owner's namespace. Pushing the same
     run again changes nothing. Sample images of an older push that this run does not have are
     deleted, so the card's gallery matches the files. Checkpoints the trainer could not push to its
@@ -56,7 +71,8 @@ def push_run(
     say = progress or (lambda message: None)
     run_dir = Path(run_dir)
     try:
-        run = read_run(run_dir)
+        checkpoint = checkpoint or default_checkpoint(run_dir)
+        run = read_run(run_dir, checkpoint)
     except RunNotReadyError as e:
         raise HubError(str(e)) from None
     if "/" in repo_id:
@@ -71,20 +87,22 @@ def push_run(
 
         # Everything is read and rendered before the first write, so a bad run fails before the repo exists.
         files: dict[str, Path | bytes] = {
-            p.name: p for p in sorted((run_dir / "final").iterdir()) if p.is_file() and not p.name.startswith(".")
+            p.name: p for p in sorted((run_dir / checkpoint).iterdir()) if p.is_file() and not p.name.startswith(".")
         }
         files.update({p.relative_to(run_dir).as_posix(): p for p in sample_files(run_dir)})
         if (run_dir / config_mod.CONFIG_FILENAME).is_file():
             files[config_mod.CONFIG_FILENAME] = run_dir / config_mod.CONFIG_FILENAME
         if any(e["type"] == "step" for e in run.events):
             files[LOSS_CURVE] = loss_curve_png(run.events)
-        files["README.md"] = render_model_card(run_dir, repo_id).encode("utf-8")
+        files["README.md"] = render_model_card(run_dir, repo_id, checkpoint).encode("utf-8")
 
         say(f"creating {repo_id} (if needed)")
         retrying(f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
         existing = retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
-        stale = sorted(p for p in existing if p.startswith("samples/") and p not in files)
+        # Samples the run no longer has, and the pick's scores when the last step replaces an earlier pick.
+        stale = sorted(p for p in existing if (p.startswith("samples/") or p == PICK_FILE) and p not in files)
         size = sum(len(s) if isinstance(s, bytes) else s.stat().st_size for s in files.values())
+        say(f"publishing {checkpoint}/ (step {run.steps})")
         say(f"uploading {len(files)} files ({size / 1e6:.1f} MB)")
         info = commit_files(api, repo_id, files, stale, f"Publish {run.name} from LoRA Studio")
     url = f"{api.endpoint}/{repo_id}"

@@ -1,5 +1,10 @@
 """Training jobs: the trainer runs as a subprocess, one at a time per machine, the rest wait in line.
 
+A run on Hugging Face Jobs is a job here too (`remote`): its subprocess is the follower
+(`train RUN --on hf-jobs ...`, hub/jobcli.py), which writes the remote trainer's events into the
+run folder and turns SIGTERM into "save and stop" on the Hub. It takes no slot of this machine (the
+GPU is the Hub's), so it starts at once; one user has one such job at a time.
+
 `python -m lora_trainer train <run>` (an argument list, never a shell) with stdout and stderr
 appended to `<run>/console.log`; the trainer writes its own train.log and events.jsonl. Stop
 sends SIGTERM, which the trainer turns into "save a checkpoint and exit at the next step".
@@ -22,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import LoraStudioError
 from . import system
 
 CONSOLE_LOG = "console.log"
@@ -61,10 +67,17 @@ class Job:
     returncode: int | None = None
     stop_requested: bool = False
     hub_token: str | None = field(default=None, repr=False)  # for checkpoint pushes; memory only
+    args: list[str] = field(default_factory=list)  # after the train command (e.g. --on hf-jobs --flavor l4x1)
+    remote: bool = False  # follows a Hugging Face job: takes no slot of this machine
+    owner: str | None = None  # whose account a remote job runs on (one each)
 
     @property
     def active(self) -> bool:
         return self.state in (QUEUED, RUNNING)
+
+
+class OneJobEach(LoraStudioError):
+    """A user asked for a second Hugging Face job while one is still training."""
 
 
 class JobManager:
@@ -77,17 +90,32 @@ class JobManager:
         self._jobs: dict[Path, Job] = {}  # the newest job of each run folder
         self._queue: list[Job] = []
 
-    def submit(self, run_dir: Path, hub_token: str | None = None) -> Job:
-        """Queue a training run of `run_dir` (starting it now if a slot is free); an active job is returned as is."""
+    def submit(self, run_dir: Path, hub_token: str | None = None, *, args: list[str] | None = None,
+               remote: bool = False, owner: str | None = None) -> Job:
+        """Queue a training run of `run_dir` (starting it now if a slot is free); an active job is returned as is.
+
+        A `remote` job (it follows a Hugging Face job) starts at once; raises OneJobEach when `owner` has
+        another one active.
+        """
         run_dir = Path(run_dir).resolve()
         with self._lock:
             job = self._jobs.get(run_dir)
             if job is not None and job.active:
                 return job
-            job = Job(run_dir, hub_token=hub_token)
+            if remote:
+                other = next((j for j in self._jobs.values() if j.active and j.remote and j.owner == owner), None)
+                if other is not None:
+                    raise OneJobEach(
+                        f"You already train run {other.run_dir.name} on Hugging Face Jobs: one job per account at a "
+                        "time. Stop it (open that run and press Stop) or wait for it to end, then start this one."
+                    )
+            job = Job(run_dir, hub_token=hub_token, args=list(args or []), remote=remote, owner=owner)
             self._jobs[run_dir] = job
-            self._queue.append(job)
-            self._start_waiting()
+            if remote:
+                self._launch(job)
+            else:
+                self._queue.append(job)
+                self._start_waiting()
             return job
 
     def stop(self, run_dir: Path) -> str:
@@ -119,6 +147,11 @@ class JobManager:
         with self._lock:
             return [j for j in self._jobs.values() if j.state == RUNNING]
 
+    def remote_job_of(self, owner: str | None) -> Job | None:
+        """`owner`'s active Hugging Face job, if any."""
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.active and j.remote and j.owner == owner), None)
+
     def wait(self, run_dir: Path, timeout: float | None = None) -> Job | None:
         """Block until the run's job has ended (for tests and shutdown)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -129,12 +162,19 @@ class JobManager:
             time.sleep(0.1)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Empty the line and ask every running trainer to save and stop."""
+        """Empty the line and ask every running trainer to save and stop.
+
+        A Hugging Face job is not stopped: it trains on without this app, and the page that next shows
+        its run follows it again (`--attach`). Only its follower ends here.
+        """
         with self._lock:
             for job in self._queue:
                 job.state = CANCELLED
             self._queue.clear()
-            running = self.running()
+            running = [j for j in self.running() if not j.remote]
+            for job in self.running():
+                if job.remote:
+                    self._detach(job)
             for job in running:
                 self.stop(job.run_dir)
         deadline = time.monotonic() + timeout
@@ -145,9 +185,26 @@ class JobManager:
                 except subprocess.TimeoutExpired:
                     job.proc.kill()
 
+    def detach(self, run_dir: Path) -> bool:
+        """End the follower of a run's Hugging Face job and forget it, as an app restart would; the job trains on."""
+        with self._lock:
+            job = self._jobs.get(Path(run_dir).resolve())
+            if job is None or not job.remote or not job.active:
+                return False
+            self._detach(job)
+            return True
+
     # -- internals (lock held) ---------------------------------------------------------------------
+    def _detach(self, job: Job) -> None:
+        """End a follower without touching its Hugging Face job. SIGKILL, since SIGTERM means "stop the job";
+        an event line is appended in one write, so none is left half written."""
+        if job.proc is not None and job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.wait()
+        self._jobs.pop(job.run_dir, None)
+
     def _start_waiting(self) -> None:
-        while self._queue and len(self.running()) < self.slots:
+        while self._queue and len([j for j in self.running() if not j.remote]) < self.slots:
             job = self._queue.pop(0)
             self._launch(job)
 
@@ -158,7 +215,7 @@ class JobManager:
         console.flush()
         try:
             job.proc = subprocess.Popen(
-                self.command(job.run_dir), stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [*self.command(job.run_dir), *job.args], stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=PROJECT_ROOT, env=trainer_env(job.hub_token),
                 start_new_session=True,  # Ctrl-C in the app's terminal must not kill the trainer mid-step
             )

@@ -16,6 +16,8 @@ from ..events import EVENTS_FILENAME, read_events, smooth_losses
 from . import jobs
 
 MAX_PLOT_POINTS = 1500  # raw points sent to the plot; longer runs are thinned evenly
+VALIDATION_SERIES = "validation"
+CLI_ERROR = "error: "  # how `python -m lora_trainer` prints a problem the user can fix (cli.main, hub/jobcli.py)
 
 
 @dataclass
@@ -23,6 +25,7 @@ class RunMonitor:
     run_dir: Path
     offset: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss (a re-done step overwrites)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> validation loss (`validation` events)
     samples: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # step -> [(path, prompt)]
     checkpoints: list[int] = field(default_factory=list)
     started: dict[str, Any] | None = None
@@ -42,6 +45,8 @@ class RunMonitor:
             elif kind == "step" and isinstance(event.get("loss"), int | float):
                 self.losses[int(event["step"])] = float(event["loss"])
                 self.last_step = event
+            elif kind == "validation" and isinstance(event.get("val_loss"), int | float):
+                self.val_losses[int(event.get("step", 0))] = float(event["val_loss"])
             elif kind == "sample":
                 prompts = event.get("prompts") or []
                 images = event.get("images") or []
@@ -71,13 +76,18 @@ class RunMonitor:
         return int(self.started.get("step", 0)) if self.started else 0
 
     def loss_rows(self) -> list[tuple[int, float, str]]:
-        """(step, loss, series) rows: the raw losses (thinned) and their smoothed curve."""
+        """(step, loss, series) rows: the raw losses (thinned), their smoothed curve, and the validation loss.
+
+        Validation loss is measured every few hundred steps on fixed images, noise and timesteps, so its points
+        are few and not smoothed: unlike the training loss it is comparable from one point to the next.
+        """
         steps = sorted(self.losses)
         raw = [self.losses[s] for s in steps]
         smooth = smooth_losses(raw)
         every = max(1, math.ceil(len(steps) / MAX_PLOT_POINTS))
         keep = [i for i in range(len(steps)) if i % every == 0 or i == len(steps) - 1]
-        return [(steps[i], raw[i], "raw") for i in keep] + [(steps[i], smooth[i], "smoothed") for i in keep]
+        return ([(steps[i], raw[i], "raw") for i in keep] + [(steps[i], smooth[i], "smoothed") for i in keep]
+                + [(s, self.val_losses[s], VALIDATION_SERIES) for s in sorted(self.val_losses)])
 
     def sample_items(self, max_steps: int = 6) -> list[tuple[str, str]]:
         """Gallery items, newest step first, each captioned 'step N · prompt'."""
@@ -115,9 +125,15 @@ def run_status(monitor: RunMonitor, manager: jobs.JobManager) -> Status:
     if terminal is not None:
         return _ended(terminal)
     if job is not None and job.state == jobs.ENDED and job.returncode not in (0, None):
+        tail = console_tail(monitor.run_dir)
+        # The command line refused before training (a Hugging Face job the Hub would not start: no credit, no
+        # Jobs permission, an unknown flavour): its one-line message says what to do.
+        said = next((line for line in reversed(tail.splitlines()) if line.startswith(CLI_ERROR)), None)
+        if said is not None:
+            return Status("failed", error=said.removeprefix(CLI_ERROR), hint=tail if job.remote else "")
         # Died without a `failed` event (killed, out of memory, an import error): show its last words.
         return Status("failed", error=f"the trainer exited with status {job.returncode} before reporting why",
-                      hint=console_tail(monitor.run_dir))
+                      hint=tail)
     if monitor.started is not None:
         return Status("interrupted")
     return Status("new")

@@ -41,6 +41,12 @@ def oauth_available() -> bool:
     return bool(space_id() and os.environ.get("OAUTH_CLIENT_ID"))
 
 
+def jobs_enabled() -> bool:
+    """Whether the Train tab offers Hugging Face Jobs (LORA_STUDIO_JOBS=1). On a Space, its README's
+    hf_oauth_scopes must then list `jobs`, so that signing in lets the app start jobs on the visitor's account."""
+    return os.environ.get("LORA_STUDIO_JOBS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def hub_endpoint() -> str | None:
     """HF_ENDPOINT, read at call time (tests point it at a fake Hub after import)."""
     return os.environ.get("HF_ENDPOINT") or None

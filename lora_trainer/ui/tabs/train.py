@@ -1,5 +1,6 @@
-"""Train: presets, every config field (generated from the config's metadata), Check, Start / Stop /
-Resume, and the live view (step, ETA, loss, samples, memory) driven by a gr.Timer."""
+"""Train: presets, every config field (generated from the config's metadata), where to train (this
+machine or Hugging Face Jobs: ui/remote.py), Check, Start / Stop / Resume, and the live view (step, ETA,
+loss, samples, memory) driven by a gr.Timer."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from ... import captioners
 from ... import config as config_mod
 from ...errors import ConfigError
 from ...preflight import format_duration
-from .. import evaluation, fields, jobs, presets, system
+from .. import evaluation, fields, jobs, presets, remote, system
 from ..common import Shared, code, dora_note, info, md_escape, skip_all, user_errors
 from ..header import run_picker
-from ..monitor import RunMonitor, Status, console_tail, run_status
+from ..monitor import VALIDATION_SERIES, RunMonitor, Status, console_tail, run_status
 from ..workspace import DATASET, Session, servable
 
 BASIC_FIELDS = ["output.name", "optim.steps", "lora.rank", "lora.alpha", "optim.learning_rate", "data.resolution"]
@@ -56,6 +57,7 @@ class TrainTab:
                                 for dotted in group:
                                     self.settings[dotted] = fields.control(dotted, min_width=260, scale=1,
                                                                            **_value(initial, dotted))
+            self.where, self.flavor, self.timeout = remote.controls()
             with gr.Row():
                 self.check = gr.Button("Check", variant="secondary", elem_id="check-run")
                 self.start = gr.Button("Start training", variant="primary", elem_id="start-training")
@@ -75,8 +77,10 @@ class TrainTab:
             with gr.Row(equal_height=False):
                 self.loss = gr.LinePlot(
                     x="step", y="loss", color="series", label="Loss", scale=3, color_title="",
-                    caption="Blue: the loss of each step (noisy by nature). Orange: smoothed; it should drift down.",
-                    color_map={"raw": "#a3b8d6", "smoothed": "#e8590c"}, x_title="step", y_title="loss", elem_id="loss-plot",
+                    caption="Blue: the loss of each step (noisy by nature). Orange: smoothed; it should drift down. "
+                            "Green: validation loss on fixed images, noise and timesteps (comparable point to point).",
+                    color_map={"raw": "#a3b8d6", "smoothed": "#e8590c", VALIDATION_SERIES: "#2f9e44"},
+                    x_title="step", y_title="loss", elem_id="loss-plot",
                 )
                 self.samples = gr.Gallery(label="Samples (same prompts and seed), newest step first",
                                           columns=3, height=340, object_fit="contain", scale=2, elem_id="samples")
@@ -96,11 +100,15 @@ class TrainTab:
     def wire(self) -> None:
         s, session = self.settings, self.shared.session
         self.check.click(check_run, [session], [self.check_report], inputs_kwargs=s, api_name="check_run")
-        self.start.click(start_training, [session], self.view, inputs_kwargs=s, api_name="start_training")
+        self.start.click(start_training, [session, self.where, self.flavor, self.timeout], self.view, inputs_kwargs=s,
+                         api_name="start_training")
+        self.where.change(remote.where_changed, [self.where], [self.flavor, self.timeout], api_name="train_where",
+                          show_progress="minimal")
         self.stop.click(stop_training, [session], self.view, api_name="stop_training")
         self.resume.click(resume_training, [session], self.view, api_name="resume_training")
         self.hub_resume.click(continue_from_hub, [session, self.hub_repo], self.view, api_name="continue_from_hub")
         self.timer.tick(poll, [session], self.view, api_name="poll", show_progress="hidden", concurrency_limit=None)
+        self.shared.on_run_change(page_view, [session], self.view)  # a reload follows a run's Hugging Face job again
         preset_targets = [self.preset_note, self.shared.caption_style, *(s[n] for n in presets.FIELDS)]
         self.preset.change(apply_preset, [self.preset, self.shared.base], preset_targets, api_visibility="private")
         # .input, not .change: only a person's pick adapts the resolution, not a run's saved settings arriving
@@ -111,7 +119,6 @@ class TrainTab:
         # A new run starts from the preset the page shows, not from the previous run's form.
         own = [n for n in config_mod.field_names() if n not in SHARED_FIELDS]
         self.shared.on_new_run(fresh_settings, [session, self.preset, self.shared.base], [s[n] for n in own])
-        self.shared.on_run_change(full_view, [session], self.view)
 
 
 def apply_preset(name: str, base: str) -> tuple:
@@ -237,9 +244,17 @@ def _hub_token(oauth_token: gr.OAuthToken | None) -> str | None:
     return oauth_token.token if oauth_token else None
 
 
+def _username(profile: gr.OAuthProfile | None) -> str | None:
+    return profile.username if profile else None
+
+
 @user_errors
-def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, **settings: Any) -> tuple:
+def start_training(session: Session, where: str | None = remote.LOCAL, flavor: str | None = None,
+                   timeout: str | None = remote.DEFAULT_TIMEOUT, oauth_token: gr.OAuthToken | None = None,
+                   oauth_profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple:
     run = _dataset_ready(session)
+    token = _hub_token(oauth_token)
+    job_args = remote.start_args(where, flavor, timeout, token)  # None: train on this machine
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line). Stop it first, or make a New run.")
@@ -253,20 +268,30 @@ def start_training(session: Session, oauth_token: gr.OAuthToken | None = None, *
             duration=None, print_exception=False,
         )
     cfg, notes = build_config(run, settings)
-    if not system.is_builtin(cfg.model.base) and not system.has_gpu():
+    if job_args is None and not system.is_builtin(cfg.model.base) and not system.has_gpu():
         notes.append("there is no GPU here: a real model trains for days on a CPU (Stop keeps what is done)")
     (run / "events.jsonl").unlink(missing_ok=True)  # a run that failed before its first checkpoint starts clean
     config_mod.save(cfg, run)
-    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    if job_args is None:
+        jobs.MANAGER.submit(run, hub_token=token)
+    else:
+        jobs.MANAGER.submit(run, hub_token=token, args=job_args, remote=True, owner=remote.owner(_username(oauth_profile)))
+        info("Submitting to Hugging Face Jobs: the run and its images go to a private repo of yours, then the job "
+             "starts (installing and loading take a few minutes). You can close this page: the job goes on.")
     for note in notes:
         info(f"Note: {note}.")
     return full_view(session)
 
 
 @user_errors
-def stop_training(session: Session) -> tuple:
+def stop_training(session: Session, oauth_token: gr.OAuthToken | None = None) -> tuple:
     run = session.current()
     outcome = jobs.MANAGER.stop(run) if run else "idle"
+    if outcome == "idle" and run is not None and remote.detached(run, jobs.MANAGER):
+        from ...hub import jobs as hub_jobs
+
+        hub_jobs.request_stop(run, token=_hub_token(oauth_token))  # nothing follows it here: ask the job directly
+        outcome = "stopping"
     message = {"stopping": "Stopping: the trainer saves a checkpoint after this step; Resume continues from it.",
                "cancelled": "Taken out of the line; nothing was trained.",
                "idle": "Nothing is running in this run."}[outcome]
@@ -275,14 +300,24 @@ def stop_training(session: Session) -> tuple:
 
 
 @user_errors
-def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None) -> tuple:
+def resume_training(session: Session, oauth_token: gr.OAuthToken | None = None,
+                    oauth_profile: gr.OAuthProfile | None = None) -> tuple:
     run = session.current()
     if run is None or not (run / config_mod.CONFIG_FILENAME).exists():
         raise gr.Error("Nothing to resume in this run: press Start training.")
     job = jobs.MANAGER.get(run)
     if job is not None and job.active:
         raise gr.Error("This run is already training (or waiting in line).")
-    jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    if remote.detached(run, jobs.MANAGER):  # its job still trains: follow it, never start a second one
+        if not remote.reattach(run, jobs.MANAGER, _hub_token(oauth_token), _username(oauth_profile)):
+            raise gr.Error("This run's Hugging Face job is still training: sign in with Hugging Face to follow it.")
+        return full_view(session)
+    job_args = remote.resume_args(run)  # a run that trained on Hugging Face Jobs goes on there
+    if job_args is None:
+        jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token))
+    else:
+        jobs.MANAGER.submit(run, hub_token=_hub_token(oauth_token), args=job_args, remote=True,
+                            owner=remote.owner(_username(oauth_profile)))
     return full_view(session)
 
 
@@ -323,9 +358,24 @@ def _monitor(session: Session, run: Path) -> RunMonitor:
     return monitors[run.name]
 
 
-def poll(session: Session) -> tuple:
+def poll(session: Session, oauth_token: gr.OAuthToken | None = None, oauth_profile: gr.OAuthProfile | None = None) -> tuple:
     """The timer's tick: new events only; unchanged parts of the page are not sent again."""
+    _follow_again(session, oauth_token, oauth_profile)
     return _render(session, force=False)
+
+
+def page_view(session: Session, oauth_token: gr.OAuthToken | None = None,
+              oauth_profile: gr.OAuthProfile | None = None) -> tuple:
+    """The whole view of the current run (page load, run switch)."""
+    _follow_again(session, oauth_token, oauth_profile)
+    return full_view(session)
+
+
+def _follow_again(session: Session, oauth_token: gr.OAuthToken | None, oauth_profile: gr.OAuthProfile | None) -> None:
+    """A run whose Hugging Face job trains on with nothing here following it (the app restarted) is followed again."""
+    run = session.current()
+    if run is not None and remote.reattach(run, jobs.MANAGER, _hub_token(oauth_token), _username(oauth_profile)):
+        info("This run trains on Hugging Face Jobs: following its job again.")
 
 
 def full_view(session: Session) -> tuple:
@@ -341,7 +391,8 @@ def _render(session: Session, *, force: bool) -> tuple:
     monitor.update()
     status = run_status(monitor, jobs.MANAGER)
     console = run / jobs.CONSOLE_LOG
-    key = (run.name, monitor.offset, status, console.stat().st_size if console.exists() else 0)
+    where = remote.status_line(run)  # a Hugging Face job's stage changes without an event
+    key = (run.name, monitor.offset, status, console.stat().st_size if console.exists() else 0, where)
     previous = session.cache.get("rendered")
     if not force and previous == key:
         return skip_all(len(_VIEW_FIELDS))
@@ -349,7 +400,7 @@ def _render(session: Session, *, force: bool) -> tuple:
     state_changed = previous is None or previous[0] != key[0] or previous[2] != status
     has_progress = bool(monitor.checkpoints) or (run / "checkpoints").is_dir() or (run / "final").is_dir()
     return (
-        status_markdown(monitor, status),
+        status_markdown(monitor, status) + (f"\n\n{where}" if where else ""),
         loss_frame(monitor),
         gr.update(value=monitor.sample_items(), columns=max(1, len(next(iter(monitor.samples.values()), [None] * 3)))),
         memory_markdown(monitor),
