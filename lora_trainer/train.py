@@ -32,6 +32,7 @@ from . import dataset as ds
 from . import models
 from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
+from .fsutil import disk_full_from
 from .optimizers import make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
@@ -146,6 +147,10 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         return result
     except StopRequested:
         return recorder.stopped_before_training(checkpoint)
+    except Exception as e:  # a full disk anywhere (samples, caches, the LoRA files) is told as such
+        if (full := disk_full_from(e, run_dir)) is None:
+            raise
+        raise full from e
     finally:
         recorder.close()
 

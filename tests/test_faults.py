@@ -16,6 +16,7 @@ import torch
 from conftest import make_images, tiny_config
 
 from lora_trainer import config as config_mod
+from lora_trainer.checkpoints import verify
 from lora_trainer.errors import DiskFullError, TrainingFailed
 from lora_trainer.events import read_events
 from lora_trainer.train import train
@@ -151,9 +152,56 @@ def test_a_disk_filling_up_at_a_checkpoint_says_so_and_leaves_no_partial_folder(
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_full)
-    with pytest.raises(DiskFullError, match=re.escape(f"the disk holding {run / 'checkpoints'} is full")):
+    with pytest.raises(DiskFullError, match=re.escape(f"the disk holding {run / 'checkpoints'} is full")) as err:
         train(run, cfg)
+    assert re.search(r"\d+ MB free; about \d+ MB is needed", str(err.value))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]  # no .tmp-step-000004
+    assert verify(run / "checkpoints" / "step-000002") is None  # the previous checkpoint is whole
+
+
+def full_disk_on(monkeypatch, target, name: str, where: str, failure: Exception) -> None:
+    """`target.name` raises `failure` (what a full disk raises there) when its path contains `where`."""
+    real = getattr(target, name)
+
+    def write(obj, path, *args, **kwargs):
+        if where in str(path):
+            raise failure
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(target, name, write)
+
+
+def test_a_disk_filling_up_at_the_final_lora_keeps_the_checkpoints_and_a_rerun_finishes(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run, cfg = new_run(tmp_path, optim__steps=6, output__save_every=2)
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as m:
+        full_disk_on(m, safetensors.torch, "save_file", ".tmp-final", full)
+        with pytest.raises(DiskFullError, match=re.escape(f"the disk holding {run} is full")) as err:
+            train(run, cfg)
+    assert "MB is needed" in str(err.value) and "free space" in err.value.hint
+    assert not (run / "final").exists() and not (run / ".tmp-final").exists()
+    assert [verify(c) for c in sorted((run / "checkpoints").iterdir())] == [None, None]  # step 2 and step 4, whole
+    reset_accelerate()
+    assert train(run, config_mod.load(run))["status"] == "finished"  # space freed: nothing was lost
+    assert events(run, "started")[-1]["resumed_from"] == "checkpoints/step-000004"
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_disk_filling_up_while_samples_are_saved_is_told_as_a_full_disk(tmp_path, monkeypatch):
+    from PIL import Image
+
+    run, cfg = new_run(tmp_path, optim__steps=6, output__save_every=2, sampling__every=2)
+    with monkeypatch.context() as m:  # PIL's write fails; the OSError carries no file name
+        full_disk_on(m, Image.Image, "save", "step-000004", OSError(errno.ENOSPC, "No space left on device"))
+        with pytest.raises(DiskFullError, match=re.escape(f"the disk holding {run} is full")):
+            train(run, cfg)
+    assert verify(run / "checkpoints" / "step-000002") is None
+    reset_accelerate()
+    assert train(run, config_mod.load(run))["status"] == "finished"
+    assert events(run, "started")[-1]["resumed_from"] == "checkpoints/step-000002"
 
 
 def test_a_full_disk_while_writing_config_toml_is_one_clear_line(tmp_path, monkeypatch):
