@@ -292,3 +292,45 @@ def test_a_stop_while_samples_render_interrupts_them_between_denoising_steps(tmp
     assert len(denoising_steps) <= 2  # of 3 x 40: the first step's callback interrupted the render
     assert events(run)[-1]["type"] == "stopped" and not events(run, "sample")
     assert not (run / "samples" / "step-000000").exists()  # no half set of samples
+
+
+def test_a_stop_while_a_checkpoint_is_written_keeps_it_whole_and_stops_after_the_next_step(tmp_path, monkeypatch):
+    run, cfg = new_run(tmp_path, optim__steps=8, output__save_every=2)
+    calls: list = []
+    sigterm_on_call(monkeypatch, torch, "save", calls)  # the first torch.save: step-000002's optimizer state
+    result = train(run, cfg)
+    assert result["status"] == "stopped" and result["step"] == 3
+    assert [c.name for c in sorted((run / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    assert [verify(c) for c in sorted((run / "checkpoints").iterdir())] == [None, None]
+    assert events(run)[-1]["type"] == "stopped"
+
+
+class StopOnFirstScore:
+    """Stands in for eval_scores.Scorer: scoring the first adapter sends SIGTERM (as Stop does)."""
+
+    scored: list = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def validation_loss(self, lora):
+        self.scored.append(lora)
+        if len(self.scored) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 0.1
+
+    def scores(self, lora, name):
+        return {}
+
+
+def test_a_stop_during_the_evaluation_after_training_skips_the_rest_and_keeps_the_lora(tmp_path, monkeypatch):
+    from lora_trainer import eval_scores
+
+    run, cfg = new_run(tmp_path, optim__steps=4, output__save_every=2, eval__after_training="on")
+    monkeypatch.setattr(eval_scores, "Scorer", StopOnFirstScore)
+    StopOnFirstScore.scored = []
+    assert train(run, cfg)["status"] == "finished"  # the last step was done: the LoRA is finished
+    assert len(StopOnFirstScore.scored) == 1  # of base, step-000002, step-000004 and final
+    evaluation = events(run, "evaluation")[-1]
+    assert evaluation["reason"] == "skipped: a stop was requested" and evaluation["best"] is None
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file() and not (run / "evaluation.json").exists()
