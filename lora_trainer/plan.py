@@ -115,7 +115,26 @@ def advice(cfg: TrainConfig) -> list[str]:
                 f"{name} = {lr:g} is far outside the usual range for {cfg.optim.optimizer} ({usual}): "
                 + ("expect the loss to explode (NaN)" if lr > high else "expect the LoRA to learn almost nothing")
             )
+    notes += [f"{name} is set but does nothing here: it {why}" for name, why in idle_settings(cfg)]
     return notes
+
+
+def idle_settings(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, why) for each field changed from its default that the other settings make do nothing."""
+    d, lora, opt = cfg.data, cfg.lora, cfg.optim
+    rules = [
+        ("data.keep_tokens", d.keep_tokens != 1 and not d.shuffle_captions, "only applies with data.shuffle_captions on"),
+        ("data.bucket_step", d.bucket_step != 0 and not d.buckets, "only applies with data.buckets on"),
+        ("data.num_workers", d.num_workers > 0 and d.cache_latents,
+         "loads images only with data.cache_latents off (cached latents need no loading)"),
+        ("lora.text_encoder_lr", lora.text_encoder_lr > 0 and not lora.train_text_encoder, "only applies with lora.train_text_encoder on"),
+        ("lora.custom_targets", bool(lora.custom_targets) and lora.targets != "custom", "only applies with lora.targets = custom"),
+        ("optim.warmup_steps", opt.warmup_steps > 0 and opt.lr_scheduler == "constant",
+         "is ignored by the constant schedule; use lr_scheduler = constant_with_warmup"),
+        ("optim.preservation_class", bool(opt.preservation_class.strip()) and opt.preservation_weight == 0,
+         "only applies with optim.preservation_weight above 0"),
+    ]
+    return [(name, why) for name, idle, why in rules if idle]
 
 
 def resolution_for(cfg: TrainConfig, geometry: models.Geometry) -> int:
