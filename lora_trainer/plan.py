@@ -74,12 +74,14 @@ def plan_run(cfg: TrainConfig, run_dir: str | Path, processes: int | None = None
     geometry = models.geometry(base)
     resolution = resolution_for(cfg, geometry)
     folder = images_dir(cfg, run_dir)
-    items = ds.scan(folder, data.trigger, data.repeats)
+    unreadable: list[str] = []
+    items = ds.scan(folder, data.trigger, data.repeats, unreadable)
     check_trigger(cfg, items)
     step = ds.bucket_step_for(geometry.bucket_step, data.bucket_step)
     buckets = ds.assign_buckets(items, resolution, step, data.buckets)
     batches = ds.make_plan(items, opt.batch_size, opt.gradient_accumulation, processes, opt.steps, opt.epochs)
-    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg))
+    left_out = [f"{len(unreadable)} image(s) cannot be read and are left out: {'; '.join(unreadable[:3])}"] if unreadable else []
+    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg) + left_out)
 
 
 def check_trigger(cfg: TrainConfig, items: list[ds.Item]) -> None:

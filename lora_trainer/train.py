@@ -358,13 +358,15 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
             for index, flip in tqdm(needed, desc="caching latents", disable=not show_progress):
                 if check_stop is not None:
                     check_stop()
-                pixels, crop = ds.load_pixels(items[index], flip)
+                pixels, crop = ds.load_pixels_or_fail(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
             captions = {item.caption for item in items}
             if t.preserve_weight:
                 captions |= {without_trigger(c, cfg.data.trigger, t.preserve_class) for c in captions}
             for caption in sorted(captions):
+                if check_stop is not None:
+                    check_stop()
                 embeds, pooled = encode_text([caption], t.tokenizers, t.text_encoders, t.kind, t.device)
                 t.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
     t.frozen_off_device()

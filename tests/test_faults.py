@@ -253,22 +253,38 @@ def sigterm_on_call(monkeypatch, target, name: str, calls: list) -> None:
     monkeypatch.setattr(target, name, wrapped)
 
 
-@pytest.mark.parametrize("phase", ["loading the model", "caching latents"])
+@pytest.mark.parametrize("phase", ["loading the model", "caching latents", "caching text embeddings"])
 def test_a_stop_while_the_model_loads_or_caches_fill_writes_stopped(tmp_path, monkeypatch, phase):
     from lora_trainer import dataset as ds
     from lora_trainer import models
+    from lora_trainer import train as train_mod
 
-    run, cfg = new_run(tmp_path)
+    run, cfg = new_run(tmp_path, data__cache_text_embeddings=True)
     calls: list = []
     if phase == "loading the model":
         sigterm_on_call(monkeypatch, models, "load_pipeline", calls)
-    else:
+    elif phase == "caching latents":
         sigterm_on_call(monkeypatch, ds, "load_pixels", calls)
+    else:
+        sigterm_on_call(monkeypatch, train_mod, "encode_text", calls)
     result = train(run, cfg)
     assert result["status"] == "stopped"
     assert [e["type"] for e in events(run)] == ["stopped"] and events(run)[0]["before_training"] is True
-    if phase == "caching latents":
-        assert len(calls) == 1  # it stopped before the next image, not after all of them
+    if phase != "loading the model":
+        assert len(calls) == 1  # it stopped before the next image or caption, not after all of them
+
+
+def test_a_damaged_image_found_while_caching_latents_fails_naming_it(tmp_path):
+    from PIL import Image
+
+    run, cfg = new_run(tmp_path, data__cache_latents=True)
+    damaged = tmp_path / "images" / "img002.jpg"
+    Image.open(damaged.with_suffix(".png")).save(damaged, quality=95)
+    damaged.with_suffix(".png").unlink()
+    damaged.write_bytes(damaged.read_bytes()[:700])  # a JPEG's header (and size) still reads; its pixels do not
+    with pytest.raises(TrainingFailed, match=re.escape(f"an image of the dataset can no longer be read: {damaged} (")) as err:
+        train(run, cfg)
+    assert "put the image back" in err.value.hint
 
 
 def test_a_stop_while_samples_render_interrupts_them_between_denoising_steps(tmp_path, monkeypatch):
@@ -334,3 +350,13 @@ def test_a_stop_during_the_evaluation_after_training_skips_the_rest_and_keeps_th
     evaluation = events(run, "evaluation")[-1]
     assert evaluation["reason"] == "skipped: a stop was requested" and evaluation["best"] is None
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file() and not (run / "evaluation.json").exists()
+
+
+def test_an_image_that_cannot_be_read_at_all_is_left_out_with_a_warning(tmp_path):
+    from lora_trainer.preflight import preflight
+
+    run, cfg = new_run(tmp_path)
+    (tmp_path / "images" / "img001.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    report = preflight(run, cfg, gpu=False)
+    assert len(report.warnings) == 1
+    assert report.warnings[0].startswith(f"1 image(s) cannot be read and are left out: {tmp_path / 'images' / 'img001.png'} (")
