@@ -81,20 +81,23 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
     opt, data, rank = cfg.optim, cfg.data, accelerator.process_index
     recorder = Recorder(run_dir, cfg, accelerator, list(listeners))  # from here on, SIGTERM means "stop"
     checkpoint = None
-    try:
-        checkpoint = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
+    try:  # before anything loads: a changed rank etc. can't resume; damaged checkpoints are passed over (notes)
+        checkpoint, notes = ckpts.resumable_checkpoint(run_dir, cfg)
         set_seed(opt.seed)
         plan = plan_run(cfg, run_dir, accelerator.num_processes)
         t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
         recorder.check_stop()
         fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
         if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
-            start_step, checkpoint = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            start_step, resumed = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            if resumed != checkpoint:
+                notes.append(f"checkpoint {checkpoint.name} cannot be loaded (train.log says why); resumed from {resumed.name}")
+            checkpoint = resumed
         else:
             start_step = 0
         recorder.attach(t, plan)
         recorder.check_disk()
-        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, plan.warnings)
+        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, notes + plan.warnings)
         if start_step == 0:
             recorder.validate(0)
             recorder.render_samples(0)  # the base model's images, to compare progress against

@@ -84,6 +84,8 @@ def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes(two_che
     started = events(run, "started")[-1]
     assert started["resumed_from"] == "checkpoints/step-000004"  # the one before the damaged step-000005
     assert any(newest.name in r.getMessage() and message in r.getMessage() for r in caplog.records), caplog.text
+    note = f"checkpoint {newest.name} is damaged ({message}"
+    assert any(w.startswith(note) and w.endswith("training resumes from step-000004 instead") for w in started["warnings"])
 
 
 def test_an_older_checkpoint_without_a_manifest_that_fails_to_load_falls_back_too(two_checkpoints, tmp_path, caplog):
@@ -95,6 +97,7 @@ def test_an_older_checkpoint_without_a_manifest_that_fails_to_load_falls_back_to
     assert train(run, config_mod.load(run))["status"] == "finished"
     assert events(run, "started")[-1]["step"] == 4
     assert any("step-000005 cannot be loaded" in r.getMessage() for r in caplog.records)
+    assert "checkpoint step-000005 cannot be loaded (train.log says why); resumed from step-000004" in events(run, "started")[-1]["warnings"]
 
 
 def test_when_every_checkpoint_is_damaged_the_cli_says_so_without_a_traceback(two_checkpoints, tmp_path):

@@ -40,3 +40,23 @@ def test_a_full_disk_in_a_handler_is_told_as_a_full_disk_naming_the_workspace(tm
 def test_any_other_error_is_a_short_note_that_the_files_are_kept():
     text = shown(OSError(errno.EACCES, "Permission denied"))
     assert "Something went wrong" in text and "Your files are kept" in text
+
+
+def test_the_training_status_shows_the_trainers_warnings(tmp_path):
+    from lora_trainer.events import EventWriter
+    from lora_trainer.ui.monitor import RunMonitor, Status
+    from lora_trainer.ui.tabs.train import status_markdown
+
+    writer = EventWriter(tmp_path / "events.jsonl")
+    writer.emit("started", step=4, total_steps=10, warnings=[
+        "checkpoint step-000005 is damaged (state/optimizer.pt is missing); training resumes from step-000004 instead",
+        "data.keep_tokens is set but does nothing here: it only applies with data.shuffle_captions on",
+    ])
+    writer.emit("step", step=5, total_steps=10, loss=0.5, sec_per_step=1.0, eta_seconds=5.0)
+    writer.close()
+    monitor = RunMonitor(tmp_path)
+    monitor.update()
+    shown = status_markdown(monitor, Status("running"))
+    assert "step 5 / 10" in shown
+    assert r"⚠️ checkpoint step-000005 is damaged \(state/optimizer.pt is missing\); training resumes" in shown
+    assert r"⚠️ data.keep\_tokens is set but does nothing here" in shown
