@@ -15,6 +15,8 @@ IDLE = {
     "data.num_workers": (2, {"data.cache_latents": True}, {"data.cache_latents": False}),
     "lora.text_encoder_lr": (1e-4, {}, {"lora.train_text_encoder": True}),
     "lora.custom_targets": (["to_q"], {"lora.targets": "attention"}, {"lora.targets": "custom"}),
+    "lora.embedding_lr": (1e-3, {}, {"lora.trigger_vectors": 1}),
+    "lora.embedding_init": ("painting", {}, {"lora.trigger_vectors": 1}),
     "optim.warmup_steps": (5, {"optim.lr_scheduler": "constant"}, {"optim.lr_scheduler": "constant_with_warmup"}),
     "optim.preservation_class": ("shape", {}, {"optim.preservation_weight": 1.0}),
 }
