@@ -43,10 +43,15 @@ def resume_settings(cfg) -> dict[str, Any]:
 def check_resumable(run_dir: Path, cfg) -> Path | None:
     """The checkpoint a run resumes from: the newest intact one (damaged ones are skipped and logged), after
     checking the config still fits it. Raises TrainingFailed when checkpoints exist but none is intact."""
+    return resumable_checkpoint(run_dir, cfg)[0]
+
+
+def resumable_checkpoint(run_dir: Path, cfg) -> tuple[Path | None, list[str]]:
+    """check_resumable, plus a note per damaged checkpoint that was passed over (the trainer logs them and puts
+    them in its `started` event)."""
     checkpoint, damaged = newest_intact_checkpoint(run_dir)
-    for path, problem in damaged:
-        log.warning("checkpoint %s is damaged (%s); %s", path.name, problem,
-                    f"resuming from {checkpoint.name} instead" if checkpoint else "no intact checkpoint is left")
+    resumes = f"training resumes from {checkpoint.name} instead" if checkpoint else "no intact checkpoint is left"
+    notes = [f"checkpoint {path.name} is damaged ({problem}); {resumes}" for path, problem in damaged]
     if checkpoint is None:
         if damaged:
             problems = "; ".join(f"{p.name}: {why}" for p, why in damaged)
@@ -54,7 +59,7 @@ def check_resumable(run_dir: Path, cfg) -> Path | None:
                 f"every checkpoint of this run is damaged ({problems}), so it cannot resume",
                 hint=f"delete {Path(run_dir) / 'checkpoints'} to train this run from the start, or restore the files from a copy",
             )
-        return None
+        return None, notes
     saved = json.loads((checkpoint / TRAINER_STATE).read_text()).get("settings", {})
     now = resume_settings(cfg)
     changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
@@ -64,7 +69,7 @@ def check_resumable(run_dir: Path, cfg) -> Path | None:
             "Set them back to resume, train into a new run folder to start fresh with the new settings, "
             f"or delete {checkpoint.parent} to start this run over"
         )
-    return checkpoint
+    return checkpoint, notes
 
 
 def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

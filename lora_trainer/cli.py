@@ -349,5 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LoraStudioError as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = getattr(e, "hint", "")
+        print(f"error: {e}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
         return 1

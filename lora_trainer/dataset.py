@@ -40,11 +40,13 @@ def _folder_repeats(image: Path, root: Path) -> int:
     return repeats
 
 
-def scan(folder: str | Path, trigger: str, repeats: int = 1) -> list[Item]:
+def scan(folder: str | Path, trigger: str, repeats: int = 1, unreadable: list[str] | None = None) -> list[Item]:
     """Every image under `folder` with its caption and repeat count, in a stable order.
 
     `repeats` (data.repeats) repeats every image, multiplying a kohya folder's own N_ count: like kohya's
-    num_repeats for the dataset, and N_ folders weigh their images against the rest as before."""
+    num_repeats for the dataset, and N_ folders weigh their images against the rest as before. An image that
+    cannot be read is left out (named in `unreadable`, when given: intake keeps such files out of uploads, but
+    a folder given as data.images may hold one)."""
     from PIL import Image
 
     root = Path(folder)
@@ -57,7 +59,9 @@ def scan(folder: str | Path, trigger: str, repeats: int = 1) -> list[Item]:
                 size = im.size
                 if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated 90 degrees
                     size = size[::-1]
-        except Exception:  # noqa: BLE001 - intake reports bad files; the trainer just skips them
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+            if unreadable is not None:
+                unreadable.append(_why_unreadable(path, e))
             continue
         items.append(Item(path, read_caption_file(path) or trigger, _folder_repeats(path, root) * repeats, size))
     if not items:
@@ -117,6 +121,27 @@ def load_pixels(item: Item, flip: bool):
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+
+
+def load_pixels_or_fail(item: Item, flip: bool):
+    """load_pixels, where an image that cannot be read (deleted, moved or damaged since the scan) is a
+    TrainingFailed naming it."""
+    try:
+        return load_pixels(item, flip)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
+        raise unreadable_image(_why_unreadable(item.image, e)) from None
+
+
+def _why_unreadable(image: Path, error: Exception) -> str:
+    why = "it was deleted or moved" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {str(error)[:200]}"
+    return f"{image} ({why})"
+
+
+def unreadable_image(problem: str) -> TrainingFailed:
+    return TrainingFailed(
+        f"an image of the dataset can no longer be read: {problem}",
+        hint="put the image back (or a readable copy), or remove it with its caption and start again (checkpoints are kept)",
+    )
 
 
 # -- the batch plan ------------------------------------------------------------------------------
@@ -204,10 +229,7 @@ def batch_source(batches: Iterator[list[Sample]], items: list[Item], latent_cach
     )
     for pixels, batch, crops, problem in loader:
         if problem:
-            raise TrainingFailed(
-                f"an image of the dataset can no longer be read: {problem}",
-                hint="put the image back, or remove it with its caption and start again (checkpoints are kept)",
-            )
+            raise unreadable_image(problem)
         yield pixels, None, {"samples": batch, "top_left": crops}
 
 
@@ -223,8 +245,7 @@ class _PixelDataset:
         try:
             pixels, crop = load_pixels(self.items[index], flip)
         except Exception as e:  # noqa: BLE001 - deleted, moved or damaged since the run started
-            why = "it was deleted or moved" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {str(e)[:200]}"
-            return None, sample, None, f"{self.items[index].image} ({why})"
+            return None, sample, None, _why_unreadable(self.items[index].image, e)
         return pixels, sample, crop, None
 
     def __len__(self):

@@ -15,8 +15,10 @@ from pathlib import Path
 from .errors import DiskFullError
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-# What torch's zip writer says when a write comes up short (it raises RuntimeError, not OSError).
-_SHORT_WRITE = ("unexpected pos", "file write failed", "no space left")
+# What writers that raise no OSError say about a full disk: torch's zip writer (RuntimeError, when a write
+# comes up short) and safetensors (SafetensorError wrapping Rust's io::Error: "... (os error 28)").
+_FULL_DISK_WORDS = ("unexpected pos", "file write failed", "no space left", "os error 28", "storagefull",
+                    "disk quota exceeded", "os error 122")
 
 
 def free_bytes(path: str | Path) -> int:
@@ -28,14 +30,26 @@ def free_bytes(path: str | Path) -> int:
 
 
 def is_disk_full(error: BaseException) -> bool:
-    if isinstance(error, OSError) and error.errno in _DISK_FULL:
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _SHORT_WRITE)
+    if isinstance(error, OSError):
+        return error.errno in _DISK_FULL
+    if not isinstance(error, RuntimeError) and type(error).__name__ != "SafetensorError":
+        return False
+    text = str(error).lower()
+    return any(s in text for s in _FULL_DISK_WORDS)
 
 
 def disk_full_error(path: str | Path, needed: int | None = None) -> DiskFullError:
     need = f"; about {needed / 2**20:.0f} MB is needed" if needed else ""
     return DiskFullError(f"the disk holding {path} is full ({free_bytes(path) / 2**20:.0f} MB free{need})")
+
+
+def disk_full_from(error: BaseException, default: str | Path) -> DiskFullError | None:
+    """The DiskFullError to raise instead of `error` where it is a full disk (naming the folder written to,
+    else `default`), or None where it is something else."""
+    if not is_disk_full(error):
+        return None
+    where = Path(error.filename).parent if isinstance(error, OSError) and error.filename else Path(default)
+    return disk_full_error(where)
 
 
 def ensure_free(path: str | Path, needed: int, what: str) -> None:

@@ -74,12 +74,14 @@ def plan_run(cfg: TrainConfig, run_dir: str | Path, processes: int | None = None
     geometry = models.geometry(base)
     resolution = resolution_for(cfg, geometry)
     folder = images_dir(cfg, run_dir)
-    items = ds.scan(folder, data.trigger, data.repeats)
+    unreadable: list[str] = []
+    items = ds.scan(folder, data.trigger, data.repeats, unreadable)
     check_trigger(cfg, items)
     step = ds.bucket_step_for(geometry.bucket_step, data.bucket_step)
     buckets = ds.assign_buckets(items, resolution, step, data.buckets)
     batches = ds.make_plan(items, opt.batch_size, opt.gradient_accumulation, processes, opt.steps, opt.epochs)
-    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg))
+    left_out = [f"{len(unreadable)} image(s) cannot be read and are left out: {'; '.join(unreadable[:3])}"] if unreadable else []
+    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg) + left_out)
 
 
 def check_trigger(cfg: TrainConfig, items: list[ds.Item]) -> None:
@@ -115,7 +117,29 @@ def advice(cfg: TrainConfig) -> list[str]:
                 f"{name} = {lr:g} is far outside the usual range for {cfg.optim.optimizer} ({usual}): "
                 + ("expect the loss to explode (NaN)" if lr > high else "expect the LoRA to learn almost nothing")
             )
+    notes += [f"{name} is set but does nothing here: it {why}" for name, why in idle_settings(cfg)]
     return notes
+
+
+def idle_settings(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(field, why) for each field changed from its default that the other settings make do nothing."""
+    d, lora, opt = cfg.data, cfg.lora, cfg.optim
+    rules = [
+        ("data.keep_tokens", d.keep_tokens != 1 and not d.shuffle_captions, "only applies with data.shuffle_captions on"),
+        ("data.bucket_step", d.bucket_step != 0 and not d.buckets, "only applies with data.buckets on"),
+        ("data.num_workers", d.num_workers > 0 and d.cache_latents,
+         "loads images only with data.cache_latents off (cached latents need no loading)"),
+        ("lora.text_encoder_lr", lora.text_encoder_lr > 0 and not lora.train_text_encoder, "only applies with lora.train_text_encoder on"),
+        ("lora.custom_targets", bool(lora.custom_targets) and lora.targets != "custom", "only applies with lora.targets = custom"),
+        ("lora.embedding_lr", lora.embedding_lr > 0 and not lora.trigger_vectors, "only applies with lora.trigger_vectors above 0"),
+        ("lora.embedding_init", bool(lora.embedding_init.strip()) and not lora.trigger_vectors,
+         "only applies with lora.trigger_vectors above 0"),
+        ("optim.warmup_steps", opt.warmup_steps > 0 and opt.lr_scheduler == "constant",
+         "is ignored by the constant schedule; use lr_scheduler = constant_with_warmup"),
+        ("optim.preservation_class", bool(opt.preservation_class.strip()) and opt.preservation_weight == 0,
+         "only applies with optim.preservation_weight above 0"),
+    ]
+    return [(name, why) for name, idle, why in rules if idle]
 
 
 def resolution_for(cfg: TrainConfig, geometry: models.Geometry) -> int:

@@ -323,8 +323,14 @@ class Recorder:
 
         if not self.main or not runs_after_training(self.cfg.eval, self.cfg.model.base, torch.cuda.is_available()):
             return
-        try:
-            data = evaluate(self.run_dir, self.cfg.eval, "all", device=str(self.t.device))
+        try:  # a stop skips what is left of it (checked between checkpoints): the LoRA is saved, scoring can wait
+            self.stop.check()
+            data = evaluate(self.run_dir, self.cfg.eval, "all", device=str(self.t.device), progress=lambda done, _: done < 1 and self.stop.check())
+        except StopRequested:
+            log.info("evaluation skipped: a stop was requested; run `python -m lora_trainer evaluate %s` to score the checkpoints",
+                     self.run_dir)
+            self.emit("evaluation", file=None, best=None, reason="skipped: a stop was requested", seconds=None, notes=[])
+            return
         except Exception as e:  # noqa: BLE001 - the LoRA is saved; `evaluate` can be run again later
             first = str(e).splitlines()[0][:200] if str(e) else ""
             log.warning("evaluation after training failed (%s: %s); run `python -m lora_trainer evaluate %s`",

@@ -32,6 +32,7 @@ from . import dataset as ds
 from . import models
 from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
+from .fsutil import disk_full_from
 from .optimizers import make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
@@ -83,22 +84,25 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
     opt, data, rank = cfg.optim, cfg.data, accelerator.process_index
     recorder = Recorder(run_dir, cfg, accelerator, list(listeners))  # from here on, SIGTERM means "stop"
     checkpoint = None
-    try:
-        checkpoint = ckpts.check_resumable(run_dir, cfg)  # before anything loads: a changed rank etc. can't resume
+    try:  # before anything loads: a changed rank etc. can't resume; damaged checkpoints are passed over (notes)
+        checkpoint, notes = ckpts.resumable_checkpoint(run_dir, cfg)
         set_seed(opt.seed)
         plan = plan_run(cfg, run_dir, accelerator.num_processes)
         t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
         recorder.check_stop()
         fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
         if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
-            start_step, checkpoint = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            start_step, resumed = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            if resumed != checkpoint:
+                notes.append(f"checkpoint {checkpoint.name} cannot be loaded (train.log says why); resumed from {resumed.name}")
+            checkpoint = resumed
             if t.pivotal is not None:
                 load_pivotal_state(t.pivotal, checkpoint)
         else:
             start_step = 0
         recorder.attach(t, plan)
         recorder.check_disk()
-        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, plan.warnings)
+        recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, notes + plan.warnings)
         if start_step == 0:
             recorder.validate(0)
             recorder.render_samples(0)  # the base model's images, to compare progress against
@@ -153,6 +157,10 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         return result
     except StopRequested:
         return recorder.stopped_before_training(checkpoint)
+    except Exception as e:  # a full disk anywhere (samples, caches, the LoRA files) is told as such
+        if (full := disk_full_from(e, run_dir)) is None:
+            raise
+        raise full from e
     finally:
         recorder.close()
 
@@ -387,13 +395,15 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
             for index, flip in tqdm(needed, desc="caching latents", disable=not show_progress):
                 if check_stop is not None:
                     check_stop()
-                pixels, crop = ds.load_pixels(items[index], flip)
+                pixels, crop = ds.load_pixels_or_fail(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
             captions = {item.caption for item in items}
             if t.preserve_weight:
                 captions |= {without_trigger(c, cfg.data.trigger, t.preserve_class) for c in captions}
             for caption in sorted(captions):
+                if check_stop is not None:
+                    check_stop()
                 embeds, pooled = encode_text([caption], t.tokenizers, t.text_encoders, t.kind, t.device)
                 t.text_cache[caption] = (embeds[0], None if pooled is None else pooled[0])
     t.frozen_off_device()

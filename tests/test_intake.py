@@ -440,3 +440,33 @@ def test_the_refusal_floor_follows_the_training_resolution(tmp_path, resolution,
     (tmp_path / "ok.png").write_bytes(png_bytes(noise(600, 600, 2)))
     report = ingest([tmp_path / "s.png", tmp_path / "ok.png"], tmp_path / "dest", resolution=resolution)
     assert ("s" in images_by_stem(report)) == kept
+
+
+def test_a_disk_filling_up_mid_upload_says_how_far_it_got_and_the_same_upload_again_completes(tmp_path, monkeypatch):
+    import lora_trainer.intake as intake
+    from lora_trainer import fsutil
+    from lora_trainer.errors import DiskFullError
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for i in range(5):
+        (source / f"pic{i}.png").write_bytes(png_bytes(noise(64, 64, i)))
+        (source / f"pic{i}.txt").write_text(f"caption {i}")
+    dest = tmp_path / "dest"
+    writes = []
+
+    def fills_on_the_third_image(path, data):
+        writes.append(path)
+        if len(writes) == 3:  # what atomic_write_bytes raises when the write hits ENOSPC
+            raise fsutil.disk_full_error(Path(path).parent, len(data))
+        return fsutil.atomic_write_bytes(path, data)
+
+    monkeypatch.setattr(intake, "atomic_write_bytes", fills_on_the_third_image)
+    with pytest.raises(DiskFullError, match=r"is full .*: 2 of 5 images were added before it filled") as err:
+        ingest([source], dest, resolution=64)
+    assert "add the same files again" in err.value.hint
+    assert sorted(p.name for p in dest.iterdir()) == ["pic0.png", "pic0.txt", "pic1.png", "pic1.txt"]  # no orphan caption
+    monkeypatch.undo()
+    report = ingest([source], dest, resolution=64)
+    assert len(report.images) == 3 and len([s for s in report.skipped if s.kind == "duplicate"]) == 2
+    assert sorted(p.stem for p in iter_images(dest)) == [f"pic{i}" for i in range(5)]

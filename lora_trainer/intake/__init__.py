@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import DatasetError, DiskFullError
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from .captionfiles import (
     CaptionEntry,
@@ -98,7 +98,10 @@ def ingest(
         if progress:
             progress(0, len(jobs))
         for done, job in enumerate(jobs, 1):
-            _ingest_one(job, target, report, resolution=resolution, floor=floor, limits=limits)
+            try:
+                _ingest_one(job, target, report, resolution=resolution, floor=floor, limits=limits)
+            except DiskFullError as e:
+                raise _disk_filled(e, len(report.images), len(jobs)) from None
             if progress:
                 progress(done, len(jobs))
 
@@ -234,7 +237,11 @@ class _Destination:
         image = folder / f"{stem}{ext}"
         if caption:  # caption first: a kill in between leaves a harmless orphan caption, not a mis-captioned image
             atomic_write_text(caption_path(image), caption)
-        atomic_write_bytes(image, data)
+        try:
+            atomic_write_bytes(image, data)
+        except BaseException:
+            caption_path(image).unlink(missing_ok=True)  # no orphan to claim the stem when the same file comes again
+            raise
         self.hashes[digest] = source
         return image
 
@@ -245,6 +252,13 @@ def _hash_file(image: Path) -> str | None:
         return pixel_hash(open_normalised(str(image), min_side=1, max_pixels=IntakeLimits().max_pixels).image)
     except Rejected:
         return None
+
+
+def _disk_filled(error: DiskFullError, added: int, total: int) -> DiskFullError:
+    return DiskFullError(
+        f"{error}: {added} of {total} images were added before it filled",
+        hint="free space on that disk, then add the same files again: the images already added are skipped as duplicates",
+    )
 
 
 def _nothing_usable(report: IntakeReport, floor: int) -> DatasetError:

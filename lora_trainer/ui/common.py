@@ -14,6 +14,8 @@ from typing import Any
 import gradio as gr
 
 from ..errors import LoraStudioError
+from ..fsutil import disk_full_from
+from . import workspace
 
 log = logging.getLogger("lora_trainer.ui")
 
@@ -90,8 +92,11 @@ def user_errors(fn: Callable) -> Callable:
                 e.message, e.escaped = toast_html(e.message), True
             raise
         except LoraStudioError as e:
-            raise gr.Error(toast_html(e), duration=None, print_exception=False) from None
+            hint = getattr(e, "hint", "")  # what to do, where the message says only what happened
+            raise gr.Error(toast_html(f"{e}\n{hint}" if hint else e), duration=None, print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - the page shows a message, the log keeps the traceback
+            if (full := disk_full_from(e, workspace.root())) is not None:  # the page's own writes (captions, config)
+                raise gr.Error(toast_html(f"{full}\n{full.hint}"), duration=None, print_exception=False) from None
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(
                 toast_html(f"Something went wrong ({type(e).__name__}: {str(e)[:300]}). Your files are kept; "

@@ -434,7 +434,8 @@ def status_markdown(monitor: RunMonitor, status: Status) -> str:
             parts += [f"ETA {format_duration(last.get('eta_seconds'))}", f"{last.get('sec_per_step', 0):.2f} s/step",
                       f"loss {last.get('loss', 0):.4f}"]
         verb = "Stopping (saving a checkpoint after this step)" if status.state == "stopping" else "Training"
-        return f"{icon} **{verb}**: " + " · ".join(parts)
+        warnings = "".join(f"\n\n⚠️ {md_escape(w)}" for w in monitor.started.get("warnings") or [])  # settings, damage
+        return f"{icon} **{verb}**: " + " · ".join(parts) + warnings
     if status.state == "finished":
         text = (f"{icon} **Finished: {progress}.** Download the files below, try the LoRA on the Generate tab, "
                 "or publish it.")
