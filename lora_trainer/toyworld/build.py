@@ -12,11 +12,12 @@ Seeded and reproducible on CPU; about 40 minutes on 2 cores. Stages, each saved 
            that stays frozen at its seeded random initialisation (its features still tell every
            word apart; freezing it halves the cost of a step on a CPU).
 
-The base's captions carry one or two unrelated words before or after them 40 % / 20 % of the time
-(`augment`), so it reads past a word it does not know as SD reads past a rare trigger word. The
-committed base was built in two steps: 4000 steps on bare captions, then `--stages base --base-init
-<that base> --base-steps 1500` with augmented captions (46 min); a from-scratch build augments from
-the start.
+`--augment-captions` puts one or two unrelated words before or after the base's captions 40 % / 20 %
+of the time (`augment`), so the base learns to read past a word it does not know. Measured (a
+fine-tune of the committed base, `--base-init base --base-steps 1500`): the base then followed 0.92
+of prompts with the trigger last (0.79 before) and 0.48 with it first (0.17), but the Style preset's
+LoRA on it kept fewer untriggered prompts (0.42 of 12, against 0.75), so the committed base is the
+plain one.
 
 The result is an ordinary diffusers folder (`base/`) and transformers folder (`judge/`) beside this
 file, loaded through the same from_pretrained path as any other model.
@@ -281,7 +282,7 @@ def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
     return f"{words}, {caption}" if draw < 0.4 else f"{caption}, {words}" if draw < 0.6 else caption
 
 
-def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None) -> None:
+def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False) -> None:
     """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder."""
     import copy
 
@@ -324,7 +325,7 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
         x0 = latents[pick]
         caption_ids = scene_ids[pick].clone()
         caption_ids[torch.rand(batch) < 0.1] = len(world.SCENES)  # 10 % unconditional
-        texts = [augment(captions[i], rng, fillers) for i in caption_ids.tolist()]
+        texts = [augment(captions[i], rng, fillers) if augment_captions else captions[i] for i in caption_ids.tolist()]
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             embeds = text_encoder(ids)[0]
@@ -349,7 +350,9 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
                 scheduler=EulerDiscreteScheduler(**sd_schedule, timestep_spacing="leading", steps_offset=1),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
-            info = {"steps": step + 1, "seed": seed, "images": images, "captions": "augmented with unrelated words"}
+            info = {"steps": step + 1, "seed": seed, "images": images}
+            if augment_captions:
+                info["captions"] = "augmented with unrelated words"
             if init is not None:
                 info["fine_tuned_from"] = json.loads((init / "toyworld.json").read_text())
             _save_folder(pipe, folder, info)
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--base-steps", type=int, default=4000)
     parser.add_argument("--images", type=int, default=24000, help="plain scenes the base trains on")
+    parser.add_argument("--augment-captions", action="store_true", help="unrelated words around the base's captions")
     parser.add_argument("--base-init", type=Path, help="fine-tune the base from this base folder (same text encoder) "
                         "instead of training it from scratch")
     parser.add_argument("--seed", type=int, default=0)
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     if "judge" in stages:
         train_judge(args.out, args.judge_steps, args.seed + 1)
     if "base" in stages:
-        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init)
+        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init, args.augment_captions)
     _log("build", f"done in {(time.perf_counter() - started) / 60:.1f} min")
 
 
