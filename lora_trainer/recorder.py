@@ -260,13 +260,12 @@ class Recorder:
         return {n: get_peft_model_state_dict(self._unwrap(m)) for n, m in self.t.trained.items()}
 
     def _save_adapter(self, dest: Path, step: int) -> None:
-        with ema_applied(self.t.ema):  # the LoRA files hold the moving average when EMA is on
-            states = self._adapter_states()
-        save_lora(
-            dest, pipeline_class=type(self.t.pipe), peft_state_dicts=states, adapter_configs=self.adapter_configs,
-            info={**self.info, "steps": step, "epoch": math.ceil(step / self.plan.batches.steps_per_epoch)},
-            captions=[i.caption for i in self.plan.items],
-        )
+        with ema_applied(self.t.ema):  # the LoRA files hold the moving average when EMA is on (the state dicts are views)
+            save_lora(
+                dest, pipeline_class=type(self.t.pipe), peft_state_dicts=self._adapter_states(), adapter_configs=self.adapter_configs,
+                info={**self.info, "steps": step, "epoch": math.ceil(step / self.plan.batches.steps_per_epoch)},
+                captions=[i.caption for i in self.plan.items],
+            )
 
     def checkpoint_bytes(self) -> int:
         """About what one checkpoint takes on disk: the adapter three times (two LoRA files and the resume
