@@ -73,6 +73,12 @@ ROWS: dict[str, tuple] = {
     "output.push_checkpoints_to": ("someone/checkpoints", {}, "uploads"),
     "optim.preservation_weight": (1.0, {}, "weights"),
     "optim.preservation_class": ("shape", {"optim.preservation_weight": 1.0}, "weights"),
+    "optim.lora_plus_ratio": (16.0, {}, "weights"),
+    "optim.timestep_sampling": ("logit_normal", {}, "weights"),
+    "optim.logit_mean": (1.0, {"optim.timestep_sampling": "logit_normal"}, "weights"),
+    "optim.logit_std": (0.3, {"optim.timestep_sampling": "logit_normal"}, "weights"),
+    "optim.timestep_shift": (6.0, {"optim.timestep_sampling": "shifted"}, "weights"),
+    "optim.ema_decay": (0.9, {}, "weights"),
 }
 # The [eval] section's fields change how checkpoints are scored, not the run: tests/test_evaluate.py covers them.
 EVAL_FIELDS = {f for f in config_mod.field_names() if f.startswith("eval.")}
