@@ -23,7 +23,9 @@ def decay_at(step: int, decay: float) -> float:
 
 
 class LoraEma:
-    """The averaged copy of every trainable tensor of the trained models, in fp32 on the CPU."""
+    """The averaged copy of every LoRA tensor (A, B, DoRA magnitude) of the trained models, in fp32 on the CPU.
+
+    The trigger's learned embedding (pivotal tuning) is not averaged: it is saved, and resumes, as trained."""
 
     def __init__(self, models: dict[str, Any], decay: float):
         # {model name: the module itself (not accelerate's DDP wrapper)}: parameter names stay those of peft.
@@ -32,7 +34,7 @@ class LoraEma:
             f"{model_name}.{name}": p
             for model_name, model in models.items()
             for name, p in getattr(model, "module", model).named_parameters()
-            if p.requires_grad
+            if p.requires_grad and ".lora_" in name  # LoRA tensors only: a pivotal embedding resumes from its saved file
         }
         self.restart()
 

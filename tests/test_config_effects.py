@@ -79,6 +79,9 @@ ROWS: dict[str, tuple] = {
     "optim.logit_std": (0.3, {"optim.timestep_sampling": "logit_normal"}, "weights"),
     "optim.timestep_shift": (6.0, {"optim.timestep_sampling": "shifted"}, "weights"),
     "optim.ema_decay": (0.9, {}, "weights"),
+    "lora.trigger_vectors": (1, {}, "weights"),
+    "lora.embedding_lr": (0.5, {"lora.trigger_vectors": 1}, "weights"),
+    "lora.embedding_init": ("stripes", {"lora.trigger_vectors": 1}, "weights"),
 }
 # The [eval] section's fields change how checkpoints are scored, not the run: tests/test_evaluate.py covers them.
 EVAL_FIELDS = {f for f in config_mod.field_names() if f.startswith("eval.")}

@@ -20,7 +20,16 @@ import subprocess
 from ..config import TrainConfig
 from ..errors import LoraStudioError
 from .arch import Architecture, architecture
-from .estimator import Estimate, GiB, estimate, gb, load_variant_for, text_caching, weight_dtype, with_resolution
+from .estimator import (
+    Estimate,
+    GiB,
+    estimate,
+    gb,
+    load_variant_for,
+    text_caching,
+    weight_dtype,
+    with_resolution,
+)
 
 HEADROOM = 0.95  # plan to 95% of the card: other processes, fragmentation beyond the estimate
 
