@@ -197,7 +197,7 @@ def stop_at(step: int):
     return listener
 
 
-@pytest.mark.parametrize("settings", [{}, SDXL], ids=["sd", "sdxl+text-encoders"])
+@pytest.mark.parametrize("settings", [{}, {**SDXL, "lora__trigger_vectors": 1}], ids=["sd", "sdxl+text-encoders+pivotal"])
 def test_a_stopped_run_with_every_method_resumes_to_the_uninterrupted_weights(tmp_path, settings):
     images = make_images(tmp_path / "images")
     common = {"optim__steps": 6, **ALL_METHODS, **settings}
