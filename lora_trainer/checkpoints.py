@@ -32,8 +32,9 @@ RESUME_FILES = (f"{STATE_DIR}/adapter.safetensors", f"{STATE_DIR}/optimizer.pt",
 # Settings a checkpoint's tensors depend on: a resume with any of them changed cannot load it.
 RESUME_SETTINGS = (
     "model.base", "lora.rank", "lora.alpha", "lora.targets", "lora.custom_targets", "lora.use_dora",
-    "lora.use_rslora", "lora.train_text_encoder", "lora.trigger_vectors", "optim.optimizer",
+    "lora.use_rslora", "lora.train_text_encoder", "lora.trigger_vectors", "optim.optimizer", "optim.lora_plus_ratio",
 )
+EMA_FILE = f"{STATE_DIR}/ema.safetensors"  # the LoRA weights' moving average (optim.ema_decay > 0)
 
 
 def resume_settings(cfg) -> dict[str, Any]:
@@ -148,9 +149,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def write_training_state(
-    dest: Path, adapters: dict[str, dict[str, Any]], optimizer, lr_scheduler, meta: dict[str, Any], scaler=None
+    dest: Path, adapters: dict[str, dict[str, Any]], optimizer, lr_scheduler, meta: dict[str, Any], scaler=None,
+    ema_state: dict[str, Any] | None = None,
 ) -> None:
-    """Adapter tensors ({model: peft state dict}), optimizer, scheduler (and fp16 loss-scaler) state, then
+    """Adapter tensors ({model: peft state dict}), optimizer, scheduler (and fp16 loss-scaler, EMA) state, then
     trainer_state.json."""
     import torch
     from safetensors.torch import save_file
@@ -162,6 +164,8 @@ def write_training_state(
     torch.save(lr_scheduler.state_dict(), dest / STATE_DIR / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), dest / STATE_DIR / "scaler.pt")
+    if ema_state is not None:
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, dest / EMA_FILE)
     atomic_write_text(dest / TRAINER_STATE, json.dumps(meta))
     write_manifest(dest)
 
@@ -182,11 +186,14 @@ def read_training_state(
     return json.loads((checkpoint / TRAINER_STATE).read_text())["step"], adapters
 
 
-def resume(run_dir: Path, checkpoint: Path, trained: dict[str, Any], optimizer, lr_scheduler, accelerator) -> tuple[int, Path]:
-    """Load adapter weights (into `trained`, {name: prepared model}), optimizer and scheduler state from
-    `checkpoint`, or where it cannot be read from the newest older one that can; returns the step and the
-    checkpoint it came from."""
+def resume(
+    run_dir: Path, checkpoint: Path, trained: dict[str, Any], optimizer, lr_scheduler, accelerator, ema=None
+) -> tuple[int, Path]:
+    """Load adapter weights (into `trained`, {name: prepared model}), optimizer, scheduler (and `ema`'s) state
+    from `checkpoint`, or where it cannot be read from the newest older one that can; returns the step and
+    the checkpoint it came from."""
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     candidates = [c for c in reversed(checkpoint_dirs(run_dir)) if checkpoint_step(c) <= checkpoint_step(checkpoint)]
     problems = []
@@ -197,6 +204,11 @@ def resume(run_dir: Path, checkpoint: Path, trained: dict[str, Any], optimizer, 
             step, adapters = read_training_state(candidate, list(trained), optimizer, lr_scheduler, accelerator.scaler)
             for name, model in trained.items():
                 set_peft_model_state_dict(accelerator.unwrap_model(model), adapters[name])
+            if ema is not None and (candidate / EMA_FILE).is_file():
+                ema.load_state_dict(load_file(candidate / EMA_FILE))
+            elif ema is not None:  # trained without EMA until now: the average starts from the resumed weights
+                log.warning("checkpoint %s has no EMA weights; the moving average starts at step %d", candidate.name, step)
+                ema.restart()
         except Exception as e:  # noqa: BLE001 - a file that verifies may still not load (written by another version)
             problems.append(f"{candidate.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             log.warning("checkpoint %s cannot be loaded (%s); trying an older one", candidate.name, problems[-1])

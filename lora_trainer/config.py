@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from .errors import ConfigError
+from .timesteps import TIMESTEP_SAMPLINGS
 
 CONFIG_VERSION = 1
 CONFIG_FILENAME = "config.toml"
@@ -140,6 +141,26 @@ class OptimSection:
         min=0.0, max=100.0,
     )
     preservation_class: str = _f("", "Word that replaces the trigger in the preservation captions (e.g. 'painting'); empty removes it.")
+    lora_plus_ratio: float = _f(
+        0.0, "LoRA+: the LoRA B (up) matrices train at learning_rate x this ratio, the A (down) matrices at "
+        "learning_rate (16 is the paper's value; 0 or 1 = off). Works with every optimizer.", min=0.0, max=1000.0,
+    )
+    timestep_sampling: str = _f(
+        "uniform", "Which noise levels the steps train on: uniform (every timestep equally), logit_normal (SD3: "
+        "concentrated around the middle, see logit_mean / logit_std) or shifted (toward high noise, see timestep_shift).",
+        choices=TIMESTEP_SAMPLINGS,
+    )
+    logit_mean: float = _f(0.0, "logit_normal timestep sampling: the mean of the normal before the sigmoid; "
+                           "> 0 leans toward high noise, < 0 toward low noise (SD3 uses 0).", min=-5.0, max=5.0)
+    logit_std: float = _f(1.0, "logit_normal timestep sampling: the spread; smaller concentrates more around "
+                          "the middle (SD3 uses 1).", min=0.01, max=10.0)
+    timestep_shift: float = _f(3.0, "shifted timestep sampling: SD3's shift of the schedule; > 1 moves the steps "
+                               "toward high noise (3 is SD3's value), < 1 toward low noise, 1 = uniform.", min=0.05, max=20.0)
+    ema_decay: float = _f(
+        0.0, "EMA: keep an exponential moving average of the LoRA weights (on the CPU) with this decay (e.g. 0.999; "
+        "0 = off; the decay ramps up as (1 + step) / (10 + step) at the start). When on, the saved LoRA files "
+        "(final/ and every checkpoint's) and the samples are the averaged weights.", min=0.0, max=0.99999,
+    )
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import checkpoints as ckpts
 from .config import TrainConfig
+from .ema import applied as ema_applied
 from .events import EVENTS_FILENAME, EventWriter, make_event
 from .formats import save_lora
 from .fsutil import ensure_free, remove_partial_dirs, write_dir
@@ -144,6 +145,8 @@ class Recorder:
             "resolution": plan.resolution, "learning_rate": opt.learning_rate, "text_encoder_lr": lcfg.text_encoder_lr,
             "optimizer": opt.optimizer, "mixed_precision": opt.mixed_precision, "num_images": len(plan.items),
             "prediction_type": t.noise_scheduler.config.prediction_type,
+            "lora_plus_ratio": opt.lora_plus_ratio, "timestep_sampling": opt.timestep_sampling,
+            "ema_decay": opt.ema_decay, "weights": "ema" if opt.ema_decay else "last step",
         }
         self.adapter_configs = {name: _adapter_config(self._unwrap(m)) for name, m in t.trained.items()}
         self.validation = None
@@ -257,12 +260,13 @@ class Recorder:
         return {n: get_peft_model_state_dict(self._unwrap(m)) for n, m in self.t.trained.items()}
 
     def _save_adapter(self, dest: Path, step: int) -> None:
-        save_lora(
-            dest, pipeline_class=type(self.t.pipe), peft_state_dicts=self._adapter_states(), adapter_configs=self.adapter_configs,
-            info={**self.info, "steps": step, "epoch": math.ceil(step / self.plan.batches.steps_per_epoch)},
-            captions=[i.caption for i in self.plan.items],
-            embeddings=self.t.pivotal.state() if self.t.pivotal is not None else None,
-        )
+        with ema_applied(self.t.ema):  # the LoRA files hold the moving average when EMA is on (the state dicts are views)
+            save_lora(
+                dest, pipeline_class=type(self.t.pipe), peft_state_dicts=self._adapter_states(), adapter_configs=self.adapter_configs,
+                info={**self.info, "steps": step, "epoch": math.ceil(step / self.plan.batches.steps_per_epoch)},
+                captions=[i.caption for i in self.plan.items],
+                embeddings=self.t.pivotal.state() if self.t.pivotal is not None else None,
+            )
 
     def checkpoint_bytes(self) -> int:
         """About what one checkpoint takes on disk: the adapter three times (two LoRA files and the resume
@@ -286,7 +290,8 @@ class Recorder:
 
             def write(tmp: Path) -> None:
                 self._save_adapter(tmp, step)
-                ckpts.write_training_state(tmp, self._adapter_states(), t.optimizer, t.lr_scheduler, meta, scaler=self.accelerator.scaler)
+                ckpts.write_training_state(tmp, self._adapter_states(), t.optimizer, t.lr_scheduler, meta, scaler=self.accelerator.scaler,
+                                           ema_state=t.ema.state_dict() if t.ema else None)
 
             write_dir(final, write, self.checkpoint_bytes())
             self.emit("checkpoint", step=step, path=str(final.relative_to(self.run_dir)))
@@ -310,7 +315,8 @@ class Recorder:
         unet = self._unwrap(t.trained["unet"])
         names = ("text_encoder", "text_encoder_2")
         encoders = [self._unwrap(t.trained.get(n, te)) for n, te in zip(names, t.text_encoders, strict=False)]
-        value = validation_loss(unet, encoders, t.tokenizers, self.validation, t.noise_scheduler, t.kind)
+        with ema_applied(t.ema):
+            value = validation_loss(unet, encoders, t.tokenizers, self.validation, t.noise_scheduler, t.kind)
         t.frozen_off_device()
         self.emit("validation", step=step, val_loss=round(value, 6), images=len(self.validation.cases))
 
@@ -361,7 +367,7 @@ class Recorder:
             return {}
 
         autocast = torch.autocast(t.device.type, dtype=t.weight_dtype) if t.weight_dtype != torch.float32 else nullcontext()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, ema_applied(t.ema):
             for k, prompt in enumerate(prompts):
                 image = t.pipe(
                     prompt, negative_prompt=smp.negative_prompt or None, num_inference_steps=smp.steps,

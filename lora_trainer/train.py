@@ -29,14 +29,16 @@ from typing import TYPE_CHECKING, Any
 from . import checkpoints as ckpts
 from . import config as config_mod
 from . import dataset as ds
+from . import ema as ema_mod
 from . import models
 from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
 from .fsutil import disk_full_from
-from .optimizers import make_optimizer
+from .optimizers import lora_plus_groups, make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
 from .recorder import Listener, Recorder, StopRequested
+from .timesteps import sample_timesteps
 
 if TYPE_CHECKING:
     from .pivotal import Pivotal
@@ -89,10 +91,11 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         set_seed(opt.seed)
         plan = plan_run(cfg, run_dir, accelerator.num_processes)
         t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
+        t.ema = ema_mod.for_run(opt.ema_decay, t.trained, accelerator)  # None when off
         recorder.check_stop()
         fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
         if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
-            start_step, resumed = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            start_step, resumed = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator, t.ema)
             if resumed != checkpoint:
                 notes.append(f"checkpoint {checkpoint.name} cannot be loaded (train.log says why); resumed from {resumed.name}")
             checkpoint = resumed
@@ -139,6 +142,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
                     t.lr_scheduler.step()
                     t.optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().float() / opt.gradient_accumulation
+            if t.ema is not None:  # the weights' moving average, once per optimizer step
+                t.ema.update(step + 1)
 
             # One host sync per step (not per micro-batch): the loss for the events and the NaN check.
             loss_value = (accelerator.reduce(step_loss, "mean") if plan.processes > 1 else step_loss).item()
@@ -217,6 +222,7 @@ class Trainables:
     cache_text: bool
     preserve_weight: float = 0.0  # output preservation's weight (0: off)
     preserve_class: str = ""  # the word that stands in for the trigger in preservation captions
+    ema: Any = None  # the LoRA weights' moving average (ema.py); None when off or not the main process
     pivotal: Pivotal | None = None  # the trigger's learned embeddings (pivotal tuning), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (latent, crop top-left)
     text_cache: dict = field(default_factory=dict)  # caption -> (embeddings, pooled or None)
@@ -344,7 +350,8 @@ def param_groups(cfg: config_mod.TrainConfig, trained: dict[str, Any], pivotal: 
     for name, model in trained.items():
         lr = cfg.optim.learning_rate if name == "unet" else (cfg.lora.text_encoder_lr or cfg.optim.learning_rate)
         own = {id(p) for p in pivotal.params} if pivotal else set()
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own], "lr": lr})
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in own]
+        groups += lora_plus_groups(named, lr, cfg.optim.lora_plus_ratio)  # LoRA+: B at lr x ratio
     if pivotal is not None:  # no weight decay: it would pull the trigger's embedding towards zero, off the vocabulary
         groups.append({"params": pivotal.params, "lr": cfg.lora.embedding_lr or cfg.optim.learning_rate, "weight_decay": 0.0})
     return groups
@@ -549,13 +556,6 @@ def sample_noise(latents, rng, noise_offset: float):
     return noise
 
 
-def sample_timesteps(batch_size: int, noise_scheduler, rng, device):
-    """A training timestep per sample, uniform over the scheduler's range."""
-    import torch
-
-    return torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=rng, device=device).long()
-
-
 def prediction_target(noise_scheduler, latents, noise, timesteps):
     """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
     prediction_type = noise_scheduler.config.prediction_type
@@ -583,9 +583,9 @@ def compute_loss(
     import torch.nn.functional as F
 
     latents = batch.latents
-    # Sample the noise we'll add to the latents, and a timestep per image.
+    # Sample the noise we'll add to the latents, and a timestep per image (uniform, logit-normal or shifted).
     noise = sample_noise(latents, rng, opt.noise_offset)
-    timesteps = sample_timesteps(latents.shape[0], t.noise_scheduler, rng, latents.device)
+    timesteps = sample_timesteps(latents.shape[0], t.noise_scheduler.config.num_train_timesteps, rng, latents.device, opt)
     # The forward diffusion process: noise the latents to each timestep.
     noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(t.noise_scheduler, latents, noise, timesteps)
