@@ -57,6 +57,8 @@ def check_resumable(run_dir: Path, cfg) -> Path | None:
         return None
     saved = json.loads((checkpoint / TRAINER_STATE).read_text()).get("settings", {})
     now = resume_settings(cfg)
+    if cfg.optim.memory == "auto" and (saved.get("optim.optimizer"), now["optim.optimizer"]) == ("adamw8bit", "adamw"):
+        now["optim.optimizer"] = "adamw8bit"  # the memory plan chose it, and keeps it on resume (memory.plan_for_training)
     changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
         raise ConfigError(

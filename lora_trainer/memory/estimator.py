@@ -22,7 +22,6 @@ Phases: caching latents (VAE encode with everything loaded), training steps, sam
 from __future__ import annotations
 
 import copy
-
 import math
 from dataclasses import dataclass, field
 
