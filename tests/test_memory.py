@@ -290,7 +290,7 @@ def test_at_train_start_the_plan_applies_on_a_gpu_and_says_why(sdxl):
 
 
 @pytest.mark.parametrize("memory_field, gpu, note", [
-    ("auto", None, "no GPU: the memory plan (optim.memory = auto) applies on a GPU"),
+    ("auto", None, "no GPU: the memory plan (optim.memory = auto) applies on a GPU; training with the settings as given"),
     ("off", (12 * GiB, True), "optim.memory = off: training with the settings as given"),
 ])
 def test_on_a_cpu_or_with_memory_off_the_plan_changes_nothing_and_says_so(sdxl, memory_field, gpu, note):
