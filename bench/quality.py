@@ -6,9 +6,12 @@ each strength, and lets the world's judge say what every picture shows. Prints, 
 strength: style rate (triggered pictures in the style), adherence (pictures that show what the
 prompt says), leak (untriggered pictures in the style), and the wall time of training.
 
-`--compare lora.rank=4,16` trains one LoRA per value, everything else equal (the same steps and
-batch: equal compute unless the field itself changes the cost). `--checkpoints` scores every
-saved checkpoint too, to see where a run overcooks. The first row is the base model alone.
+Every variant starts from `--preset` (default: the Style preset's toy-world settings, what the app
+and `--preset Style` train; `--preset none`: a plain 300-step run), then `--set`. `--compare
+lora.rank=4,16` trains one LoRA per value, everything else equal (the same steps and batch: equal
+compute unless the field itself changes the cost). `--checkpoints` scores every saved checkpoint
+too, to see where a run overcooks; the checkpoint the evaluation recommends (`best/`) is scored
+whenever the run made one. The first row is the base model alone.
 """
 
 from __future__ import annotations
@@ -32,14 +35,14 @@ QUICK = {  # a short run that still learns a style: the bench's default, overrid
 
 
 def train_variant(
-    root: Path, name: str, style: str, images: int, settings: dict[str, str], seed: int, position: str
+    root: Path, name: str, style: str, images: int, settings: dict[str, str], seed: int, position: str, base: str
 ) -> tuple[Path, float]:
     from lora_trainer.train import train
 
     run = root / name
     toyworld.make_style_dataset(run / "dataset", style, n=images, seed=seed, position=position)
     cfg = config_mod.TrainConfig()
-    cfg.set("model.base", toyworld.BASE_SPEC)
+    cfg.set("model.base", base)
     cfg.set("data.trigger", toyworld.TRIGGER)
     for key, value in settings.items():
         cfg.set(key, value)
@@ -47,6 +50,13 @@ def train_variant(
     started = time.perf_counter()
     train(run)
     return run, time.perf_counter() - started
+
+
+def _best_step(run: Path) -> str:
+    import json
+
+    info = json.loads((run / "best" / "lora_info.json").read_text())
+    return f"step {info.get('steps', '?')}"
 
 
 def _row(label: str, s, seconds: float | None) -> str:
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--style", default="stripes", choices=toyworld.STYLES)
     p.add_argument("--images", type=int, default=16, help="pictures in the style dataset")
+    p.add_argument("--preset", default="Style", help="the preset every variant starts from (its toy settings), or 'none'")
+    p.add_argument("--base", default=toyworld.BASE_SPEC, help="the toy base, or a folder of one (e.g. a build snapshot)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field for every variant")
     p.add_argument("--compare", action="append", default=[], metavar="FIELD=A,B", help="one variant per value")
     p.add_argument("--strengths", default="0.5,1.0")
@@ -69,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    common = {**QUICK, "optim.seed": str(args.seed)}
+    from lora_trainer.presets import preset_settings
+
+    start = QUICK if args.preset == "none" else {k: str(v) for k, v in preset_settings(args.preset, toyworld.BASE_SPEC).items()}
+    common = {**start, "optim.seed": str(args.seed)}
     common.update(dict(kv.split("=", 1) for kv in args.set))
     variants: list[tuple[str, dict[str, str]]] = [("default", common)]
     if args.compare:
@@ -83,20 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"style {args.style}, {args.images} images, settings {common}")
     print(f"{'variant':<28} {'strength':>8} {'style':>6} {'adherence':>9} {'leak':>5} {'adh. no trig':>12} {'train s':>7}")
     print(f"trigger {args.position}")
-    for s in lora_quality(None, args.style, strengths=(0.0,), seeds=seeds, position=args.position):
+    for s in lora_quality(None, args.style, base=args.base, strengths=(0.0,), seeds=seeds, position=args.position):
         print(_row("base model", s, None))
     with tempfile.TemporaryDirectory(prefix="lora-quality-") as scratch:
         root = args.keep or Path(scratch)
         for name, settings in variants:
             folder_name = name.replace("=", "-").replace(".", "_")
-            run, seconds = train_variant(root, folder_name, args.style, args.images, settings, args.seed, args.position)
+            run, seconds = train_variant(
+                root, folder_name, args.style, args.images, settings, args.seed, args.position, args.base)
             files = [run / "final"]
             if args.checkpoints:
                 files = sorted((run / "checkpoints").glob("step-*")) + files
+            if (run / "best").is_dir():
+                files.append(run / "best")
             for folder in files:
-                label = name if folder.name == "final" else f"{name} @{folder.name}"
+                label = {"final": name, "best": f"{name} best ({_best_step(run)})"}.get(folder.name, f"{name} @{folder.name}")
                 lora = folder / "pytorch_lora_weights.safetensors"
-                for s in lora_quality(lora, args.style, strengths=strengths, seeds=seeds, position=args.position):
+                for s in lora_quality(lora, args.style, base=args.base, strengths=strengths, seeds=seeds, position=args.position):
                     print(_row(label, s, seconds if folder.name == "final" else None), flush=True)
     return 0
 

@@ -32,7 +32,7 @@ RESUME_FILES = (f"{STATE_DIR}/adapter.safetensors", f"{STATE_DIR}/optimizer.pt",
 # Settings a checkpoint's tensors depend on: a resume with any of them changed cannot load it.
 RESUME_SETTINGS = (
     "model.base", "lora.rank", "lora.alpha", "lora.targets", "lora.custom_targets", "lora.use_dora",
-    "lora.use_rslora", "lora.train_text_encoder", "optim.optimizer",
+    "lora.use_rslora", "lora.train_text_encoder", "lora.trigger_vectors", "optim.optimizer",
 )
 
 

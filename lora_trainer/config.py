@@ -102,6 +102,16 @@ class LoraSection:
     text_encoder_lr: float = _f(0.0, "Learning rate for the text-encoder LoRA; 0 uses the UNet learning rate.", min=0.0, max=1.0)
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (slower per step, often better at low rank).")
     use_rslora: bool = _f(False, "rsLoRA: scale by alpha / sqrt(rank), which keeps high ranks stable.")
+    trigger_vectors: int = _f(
+        0, "Pivotal tuning: the trigger word gets its own learned embedding of this many vectors in each text encoder, "
+        "trained with the LoRA (textual inversion; 1-2 typical); 0 = off. Saved as <name>_emb.safetensors beside the "
+        "LoRA (diffusers, A1111, ComfyUI) and bundled in the kohya file; prompts must use the trigger word.",
+        min=0, max=16,
+    )
+    embedding_lr: float = _f(0.0, "Learning rate of the trigger's embedding (pivotal tuning); 0 uses the UNet learning rate.",
+                             min=0.0, max=10.0)
+    embedding_init: str = _f("", "Word whose embedding the trigger's starts from (pivotal tuning), e.g. 'painting'; "
+                             "empty: random, at the scale of the vocabulary's embeddings.")
 
 
 @dataclass
@@ -323,6 +333,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             errors += _check_rules(dotted, value, f.metadata)
     if cfg.lora.targets == "custom" and not cfg.lora.custom_targets:
         errors.append("lora.custom_targets must list at least one module name when lora.targets = 'custom'")
+    if cfg.lora.trigger_vectors and not cfg.data.trigger.strip():
+        errors.append("lora.trigger_vectors > 0 (pivotal tuning) needs a trigger word: set data.trigger, e.g. 'ohwx'")
+    if cfg.lora.trigger_vectors and " " in cfg.data.trigger.strip():
+        errors.append(f"data.trigger = {cfg.data.trigger!r}: pivotal tuning learns one word; use a single word, e.g. 'ohwx'")
     if "," in cfg.data.trigger:
         errors.append(
             f"data.trigger = {cfg.data.trigger!r} contains a comma: a trigger is one caption tag, and caption "

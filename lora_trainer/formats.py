@@ -27,6 +27,7 @@ from .fsutil import atomic_write_text
 
 DIFFUSERS_FILENAME = "pytorch_lora_weights.safetensors"
 INFO_FILENAME = "lora_info.json"
+EMBEDDINGS_SUFFIX = "_emb.safetensors"  # pivotal tuning's textual-inversion file, as diffusers' advanced script names it
 BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
@@ -114,6 +115,17 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     return dict(Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip()))
 
 
+def embeddings_filename(name: str) -> str:
+    """The trigger's learned embedding (pivotal tuning) beside a LoRA named `name` (kohya's `<name>.safetensors`)."""
+    return f"{name}{EMBEDDINGS_SUFFIX}"
+
+
+def embeddings_file(folder: str | Path) -> Path | None:
+    """The textual-inversion file in a LoRA folder (final/, a checkpoint), if it has one."""
+    found = sorted(Path(folder).glob(f"*{EMBEDDINGS_SUFFIX}"))
+    return found[0] if found else None
+
+
 def save_lora(
     dest: Path,
     *,
@@ -122,8 +134,11 @@ def save_lora(
     adapter_configs: dict[str, dict[str, Any]],
     info: dict[str, Any],
     captions: list[str],
+    embeddings: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write both formats and `lora_info.json` into `dest` (which the caller swaps in atomically)."""
+    """Write both formats and `lora_info.json` into `dest` (which the caller swaps in atomically); with
+    `embeddings` (pivotal tuning's textual-inversion tensors), also `<name>_emb.safetensors`, and the same
+    tensors bundled in the kohya file."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
@@ -139,9 +154,18 @@ def save_lora(
     kohya = to_kohya({m: {k: v.detach().to("cpu") for k, v in s.items()} for m, s in peft_state_dicts.items()}, info["kind"], alphas)
     kohya_path = dest / f"{info['name']}.safetensors"
     info = {**info, "kohya_alpha": alphas["unet"]}
+    written = [dest / DIFFUSERS_FILENAME, kohya_path, dest / INFO_FILENAME]
+    if embeddings:
+        from . import pivotal
+
+        kohya.update(pivotal.kohya_bundle(info["kind"], info["trigger"], embeddings))
+        emb_path = dest / embeddings_filename(info["name"])
+        save_file(embeddings, emb_path, metadata={"trigger": info["trigger"], "vectors": str(len(next(iter(embeddings.values()))))})
+        info["embeddings"] = {"file": emb_path.name, "trigger": info["trigger"], "keys": sorted(embeddings)}
+        written.append(emb_path)
     save_file(kohya, kohya_path, metadata=kohya_metadata(info, tag_frequency(captions)))
     atomic_write_text(dest / INFO_FILENAME, json.dumps(info, indent=2))
-    return [dest / DIFFUSERS_FILENAME, kohya_path, dest / INFO_FILENAME]
+    return written
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -32,6 +32,7 @@ _FUSED: dict[tuple[str, str], tuple[str, float]] = {}  # per pipeline: the (adap
 # subtracts the LoRA again, which in floating point is not exact; copying these back is.
 _BASE_WEIGHTS: dict[tuple[str, str], dict] = {}
 _OPTIONS: dict[tuple[str, str], MemoryOptions] = {}
+_EMBEDDINGS: dict[tuple[str, str], dict[str, str]] = {}  # per pipeline: loaded trigger embeddings, file id -> trigger
 _LOCK = threading.Lock()  # one generation at a time per pipeline (diffusers pipelines are not re-entrant)
 INFERENCE_HEADROOM = 0.9  # of the free GPU memory: the allocator's slack and other processes
 
@@ -194,6 +195,7 @@ class Generator:
     def _apply(self, loras: list[LoraSpec]) -> None:
         """Load any LoRA not yet loaded, then activate exactly these at their strengths (one alone: fused)."""
         active = [lora for lora in loras if lora.path]
+        self._apply_embeddings([resolve_lora_file(lora.path) for lora in active if lora.strength])
         if not active:
             self._unfuse()
             if self.pipe.get_list_adapters():
@@ -210,7 +212,13 @@ class Generator:
             loaded = {n for ns in self.pipe.get_list_adapters().values() for n in ns}
             if name not in loaded:
                 try:
-                    self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                    from .pivotal import without_bundle
+
+                    bundled = without_bundle(path)  # a kohya file with an embedding bundled: the LoRA part
+                    if bundled is not None:
+                        self.pipe.load_lora_weights(bundled, adapter_name=name)
+                    else:
+                        self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
                 except Exception as e:  # noqa: BLE001 - a wrong LoRA for this base is a user error
                     raise LoraStudioError(
                         f"LoRA {path.name} does not fit base model '{self.base.spec}' ({self.base.kind}): "
@@ -229,6 +237,30 @@ class Generator:
                     saved[layer] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
             self.pipe.fuse_lora(components=_lora_components(self.pipe), lora_scale=1.0, adapter_names=[fuse[0]])
             _FUSED[self.key] = fuse
+
+    def _apply_embeddings(self, lora_files: list[Path]) -> None:
+        """The learned trigger embeddings that go with these LoRAs (pivotal tuning) loaded, any others unloaded:
+        the LoRA off is the base model, whose tokenizer does not know the trigger."""
+        from . import pivotal
+
+        wanted: dict[str, tuple[str, dict]] = {}
+        for lora in lora_files:
+            found = pivotal.embeddings_for(lora)
+            if found is not None and found[0] not in {t for t, _ in wanted.values()}:  # one embedding per word
+                wanted[self._adapter_name(lora)] = found
+        loaded = _EMBEDDINGS.setdefault(self.key, {})
+        if set(wanted) == set(loaded):
+            return
+        for trigger in loaded.values():
+            pivotal.unload_from_pipeline(self.pipe, trigger)
+        loaded.clear()
+        for name, (trigger, state) in wanted.items():
+            try:
+                pivotal.load_into_pipeline(self.pipe, state, trigger)
+            except Exception as e:  # noqa: BLE001 - an embedding for another model family is a user error
+                raise LoraStudioError(f"the trigger embedding of '{trigger}' does not fit base model '{self.base.spec}': "
+                                      f"{str(e).splitlines()[0][:200]}. Use a LoRA trained on the same model family") from None
+            loaded[name] = trigger
 
     def _unfuse(self) -> None:
         if self.key not in _FUSED:

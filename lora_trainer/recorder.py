@@ -261,6 +261,7 @@ class Recorder:
             dest, pipeline_class=type(self.t.pipe), peft_state_dicts=self._adapter_states(), adapter_configs=self.adapter_configs,
             info={**self.info, "steps": step, "epoch": math.ceil(step / self.plan.batches.steps_per_epoch)},
             captions=[i.caption for i in self.plan.items],
+            embeddings=self.t.pivotal.state() if self.t.pivotal is not None else None,
         )
 
     def checkpoint_bytes(self) -> int:

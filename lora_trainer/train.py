@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import checkpoints as ckpts
 from . import config as config_mod
@@ -37,6 +37,9 @@ from .optimizers import make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
 from .recorder import Listener, Recorder, StopRequested
+
+if TYPE_CHECKING:
+    from .pivotal import Pivotal
 
 log = logging.getLogger("lora_trainer.train")
 
@@ -90,6 +93,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
         if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
             start_step, checkpoint = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator)
+            if t.pivotal is not None:
+                load_pivotal_state(t.pivotal, checkpoint)
         else:
             start_step = 0
         recorder.attach(t, plan)
@@ -124,6 +129,8 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
                     loss = compute_loss(batch, t, torch.Generator(t.device).manual_seed(seed), opt).value
                     # Backpropagate, clip, step (accelerate skips the step until the last accumulated micro-batch).
                     accelerator.backward(loss)
+                    if t.pivotal is not None and accelerator.sync_gradients:
+                        t.pivotal.sync_gradients(accelerator)
                     if accelerator.sync_gradients and opt.max_grad_norm:
                         accelerator.clip_grad_norm_(t.params, opt.max_grad_norm)
                     t.optimizer.step()
@@ -207,6 +214,7 @@ class Trainables:
     cache_text: bool
     preserve_weight: float = 0.0  # output preservation's weight (0: off)
     preserve_class: str = ""  # the word that stands in for the trigger in preservation captions
+    pivotal: Pivotal | None = None  # the trigger's learned embeddings (pivotal tuning), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (latent, crop top-left)
     text_cache: dict = field(default_factory=dict)  # caption -> (embeddings, pooled or None)
 
@@ -268,6 +276,8 @@ def load_trainables(cfg: config_mod.TrainConfig, base: models.BaseModel, acceler
     pipe.vae.to(device, dtype=torch.float32)  # the VAE in fp16 overflows (NaN latents); it runs rarely anyway
     for encoder in text_encoders:
         encoder.to(device, dtype=weight_dtype)
+    # Before accelerate wraps a text encoder whose LoRA trains: its DDP wrapper then covers the embedding too.
+    pivotal = install_pivotal(cfg, base.kind, models.tokenizers(pipe), text_encoders, device)
 
     trained = attach_loras(cfg, base.kind, pipe.unet, text_encoders)
     if opt.mixed_precision != "no":
@@ -278,7 +288,7 @@ def load_trainables(cfg: config_mod.TrainConfig, base: models.BaseModel, acceler
             if name != "unet":
                 model.gradient_checkpointing_enable()
 
-    groups = param_groups(cfg, trained)
+    groups = param_groups(cfg, trained, pivotal)
     optimizer = make_optimizer(opt.optimizer, groups, opt.learning_rate, opt.weight_decay, device)
     # accelerate steps a prepared scheduler once per process per optimizer step, so it counts x processes.
     lr_scheduler = get_scheduler(
@@ -293,7 +303,7 @@ def load_trainables(cfg: config_mod.TrainConfig, base: models.BaseModel, acceler
         tokenizers=models.tokenizers(pipe), trained=trained, noise_scheduler=noise_scheduler,
         optimizer=prepared[len(trained)], lr_scheduler=prepared[len(trained) + 1],
         params=[p for group in groups for p in group["params"]], device=device, weight_dtype=weight_dtype,
-        cache_latents=cache_latents, cache_text=cache_text,
+        cache_latents=cache_latents, cache_text=cache_text, pivotal=pivotal,
         preserve_weight=cfg.optim.preservation_weight, preserve_class=cfg.optim.preservation_class,
     )
 
@@ -327,22 +337,46 @@ def attach_loras(cfg: config_mod.TrainConfig, kind: str, unet, text_encoders: li
     return trained
 
 
-def param_groups(cfg: config_mod.TrainConfig, trained: dict[str, Any]) -> list[dict[str, Any]]:
+def param_groups(cfg: config_mod.TrainConfig, trained: dict[str, Any], pivotal: Pivotal | None = None) -> list[dict[str, Any]]:
     """The optimizer's parameter groups, with their learning rates: the one place they are decided."""
     groups = []
     for name, model in trained.items():
         lr = cfg.optim.learning_rate if name == "unet" else (cfg.lora.text_encoder_lr or cfg.optim.learning_rate)
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": lr})
+        own = {id(p) for p in pivotal.params} if pivotal else set()
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own], "lr": lr})
+    if pivotal is not None:  # no weight decay: it would pull the trigger's embedding towards zero, off the vocabulary
+        groups.append({"params": pivotal.params, "lr": cfg.lora.embedding_lr or cfg.optim.learning_rate, "weight_decay": 0.0})
     return groups
+
+
+def install_pivotal(cfg: config_mod.TrainConfig, kind: str, tokenizers: list, text_encoders: list, device) -> Pivotal | None:
+    """Pivotal tuning's learned trigger embedding in every text encoder (None when lora.trigger_vectors = 0)."""
+    from .pivotal import install
+
+    return install(cfg, kind, tokenizers, text_encoders, device)
+
+
+def load_pivotal_state(pivotal: Pivotal, checkpoint: Path) -> None:
+    """The trigger's embedding as `checkpoint` saved it (resume)."""
+    from safetensors.torch import load_file
+
+    from .pivotal import embeddings_file
+
+    path = embeddings_file(checkpoint)
+    if path is None:
+        raise TrainingFailed(f"checkpoint {checkpoint.name} has no trigger embedding (*_emb.safetensors) to resume pivotal tuning from",
+                             hint="set lora.trigger_vectors back to what the run was trained with, or train into a new run folder")
+    pivotal.load_state(load_file(str(path)))
 
 
 def caching(cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
     """(cache latents, cache text embeddings): each only where it cannot change what the model sees."""
     data = cfg.data
     cache_text = data.cache_text_embeddings
-    if cache_text and (cfg.lora.train_text_encoder or data.shuffle_captions or data.caption_dropout > 0):
+    if cache_text and (cfg.lora.train_text_encoder or cfg.lora.trigger_vectors or data.shuffle_captions or data.caption_dropout > 0):
         cache_text = False
-        log.info("text-embedding caching off: captions change every step (text-encoder training, shuffle or dropout)")
+        log.info("text-embedding caching off: captions change every step (text-encoder training, pivotal tuning, "
+                 "shuffle or dropout)")
     return data.cache_latents, cache_text
 
 
@@ -441,7 +475,9 @@ def _embed(captions: list[str], t: Trainables, grad: bool = True):
         embeds = torch.stack([t.text_cache[c][0] for c in captions])
         pooled = torch.stack([t.text_cache[c][1] for c in captions]) if t.kind == "sdxl" else None
         return embeds, pooled
-    with nullcontext() if grad and t.train_text_encoder else torch.no_grad():
+    if t.pivotal is not None:
+        captions = t.pivotal.expand(captions)
+    with nullcontext() if grad and (t.train_text_encoder or t.pivotal is not None) else torch.no_grad():
         return encode_text(captions, t.tokenizers, t.text_encoders, t.kind, t.device)
 
 

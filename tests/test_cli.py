@@ -142,7 +142,9 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "settings", [{}, {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True}], ids=["sd", "sdxl+text-encoder"]
+    "settings", [{}, {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True},
+                 {"model__base": "builtin:tiny-sdxl", "lora__trigger_vectors": 2, "lora__embedding_lr": 5e-2}],
+    ids=["sd", "sdxl+text-encoder", "sdxl+pivotal"],
 )
 def test_two_process_accelerate_run_trains(tmp_path, settings):
     """accelerate's --cpu flag always starts one process; --multi_gpu uses torch.distributed, gloo on a CPU box."""
@@ -159,6 +161,8 @@ def test_two_process_accelerate_run_trains(tmp_path, settings):
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
     weights = load_file(run / "final" / DIFFUSERS_FILENAME)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+    if settings.get("lora__trigger_vectors"):  # pivotal tuning trains and saves under two processes too
+        assert sorted(load_file(run / "final" / "my-lora_emb.safetensors")) == ["clip_g", "clip_l"]
 
 
 def test_check_on_a_messy_zip_prints_the_intake_report_and_the_plan(tmp_path):

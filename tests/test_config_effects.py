@@ -74,6 +74,9 @@ ROWS: dict[str, tuple] = {
     "output.push_checkpoints_to": ("someone/checkpoints", {}, "uploads"),
     "optim.preservation_weight": (1.0, {}, "weights"),
     "optim.preservation_class": ("shape", {"optim.preservation_weight": 1.0}, "weights"),
+    "lora.trigger_vectors": (1, {}, "weights"),
+    "lora.embedding_lr": (0.5, {"lora.trigger_vectors": 1}, "weights"),
+    "lora.embedding_init": ("stripes", {"lora.trigger_vectors": 1}, "weights"),
 }
 # The [eval] section's fields change how checkpoints are scored, not the run: tests/test_evaluate.py covers them.
 EVAL_FIELDS = {f for f in config_mod.field_names() if f.startswith("eval.")}

@@ -21,7 +21,13 @@ from PIL import Image, ImageDraw, ImageFont
 from .. import config as config_mod
 from ..errors import LoraStudioError
 from ..events import EVENTS_FILENAME, read_events, smooth_losses
-from ..formats import DIFFUSERS_FILENAME, INFO_FILENAME, read_safetensors_metadata
+from ..formats import (
+    DIFFUSERS_FILENAME,
+    EMBEDDINGS_SUFFIX,
+    INFO_FILENAME,
+    embeddings_file,
+    read_safetensors_metadata,
+)
 from ..models import guess_kind
 from .client import looks_like_repo_id
 
@@ -60,6 +66,7 @@ class RunSummary:
     kohya_file: Path | None
     config: config_mod.TrainConfig | None
     dora: bool = False
+    embeddings_file: Path | None = None  # the trigger's learned embedding (pivotal tuning)
     sample_step: int | None = None
     # (path relative to the run folder, prompt) of the newest sampled step: the card's gallery.
     widget_samples: list[tuple[str, str]] = field(default_factory=list)
@@ -79,6 +86,19 @@ def hub_base_model(base: str, run_dir: Path | None = None) -> str | None:
     return base if looks_like_repo_id(base) else None
 
 
+def _embedding_lines(run: RunSummary, repo_id: str) -> list[str]:
+    """The diffusers snippet's lines that load the trigger's learned embedding (pivotal tuning), if it has one."""
+    if run.embeddings_file is None:
+        return []
+    emb = run.embeddings_file.name
+    lines = ["from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file", "",
+             f'embedding = load_file(hf_hub_download("{repo_id}", "{emb}"))']
+    if run.kind == "sdxl":
+        return lines + [f'pipe.load_textual_inversion(embedding["clip_l"], token="{run.trigger}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+                        f'pipe.load_textual_inversion(embedding["clip_g"], token="{run.trigger}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)']
+    return lines + [f'pipe.load_textual_inversion(embedding["emb_params"], token="{run.trigger}")']
+
+
 def read_run(run_dir: str | Path) -> RunSummary:
     """Collect what the card and the upload need; raise RunNotReadyError if there is no final LoRA."""
     run_dir = Path(run_dir)
@@ -92,7 +112,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
         )
     cfg = config_mod.load(run_dir) if (run_dir / config_mod.CONFIG_FILENAME).exists() else None
     info = _read_json(final / INFO_FILENAME)
-    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_FILENAME)
+    kohya = sorted(p for p in final.glob("*.safetensors") if p.name != DIFFUSERS_FILENAME and not p.name.endswith(EMBEDDINGS_SUFFIX))
     metadata = read_safetensors_metadata(kohya[0]) if kohya else {}
     events, _ = read_events(run_dir / EVENTS_FILENAME)
 
@@ -110,6 +130,7 @@ def read_run(run_dir: str | Path) -> RunSummary:
         kohya_file=preferred if preferred.is_file() else (kohya[0] if kohya else None),
         config=cfg,
         dora=bool(info.get("use_dora", cfg.lora.use_dora if cfg else False)),
+        embeddings_file=embeddings_file(final),
         events=events,
     )
     summary.sample_step, summary.widget_samples = _latest_samples(run_dir, events, cfg)
@@ -226,6 +247,7 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
         "",
         f'pipe = AutoPipelineForText2Image.from_pretrained("{pipe_base}", torch_dtype=torch.float16).to("cuda")',
         f'pipe.load_lora_weights("{repo_id}", weight_name="{DIFFUSERS_FILENAME}")',
+        *_embedding_lines(run, repo_id),
         f'image = pipe("{prompt}").images[0]',
         "```",
         "",
@@ -252,6 +274,14 @@ def _card_body(run: RunSummary, repo_id: str, *, has_loss: bool) -> list[str]:
                 f"`{DIFFUSERS_FILENAME}` is the same LoRA in the diffusers/peft layout.",
                 "",
             ]
+            if run.embeddings_file is not None:
+                emb = run.embeddings_file.name
+                lines += [
+                    f"`{run.trigger}` has its own learned embedding (pivotal tuning). AUTOMATIC1111 and Forge load it from "
+                    f"the kohya file itself (it is bundled there). In ComfyUI, also put [`{emb}`](./{emb}) into "
+                    f"`models/embeddings` and write `embedding:{Path(emb).stem}` where the prompt says `{run.trigger}`.",
+                    "",
+                ]
     if run.widget_samples:
         lines += [f"## Samples (step {run.sample_step})", ""]
         lines += [f"![{_md(p)}](./{path})" for path, p in run.widget_samples] + [""]

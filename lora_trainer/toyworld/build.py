@@ -12,6 +12,12 @@ Seeded and reproducible on CPU; about 40 minutes on 2 cores. Stages, each saved 
            that stays frozen at its seeded random initialisation (its features still tell every
            word apart; freezing it halves the cost of a step on a CPU).
 
+The base's captions carry one or two unrelated words before or after them 40 % / 20 % of the time
+(`augment`), so it reads past a word it does not know as SD reads past a rare trigger word. The
+committed base was built in two steps: 4000 steps on bare captions, then `--stages base --base-init
+<that base> --base-steps 1500` with augmented captions (46 min); a from-scratch build augments from
+the start.
+
 The result is an ordinary diffusers folder (`base/`) and transformers folder (`judge/`) beside this
 file, loaded through the same from_pretrained path as any other model.
 """
@@ -252,12 +258,42 @@ def _encode_dataset(vae, count: int, rng: random.Random):
     return torch.tensor(scene_ids), torch.cat(latents)
 
 
-def train_base(out: Path, steps: int, seed: int, images: int) -> None:
+def filler_words(tokenizer) -> list[str]:
+    """Whole words of the vocabulary that no caption uses (not the grammar's, a style's or the toy trigger)."""
+    from . import TRIGGER
+
+    grammar = set(" ".join(c for _, _, c in world.all_judge_captions()).replace(",", " ").split()) | {TRIGGER}
+    words = {t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>")}
+    return sorted({w for w in words if w.isascii() and w.isalpha() and w.islower() and len(w) > 1} - grammar)
+
+
+def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
+    """A scene caption with one to three unrelated words before it (40 %) or after it (20 %).
+
+    SD's text encoder lets a prompt's content through a rare word put in front of it ("ohwx, a red house"); a
+    frozen random one does not, and a base trained on bare captions loses the scene when a trigger word comes
+    first (it followed 17 % of such prompts). Seeing unknown words around its captions, the base learns to read
+    past them, as SD does, so a LoRA's trigger word is a word to learn and not a derailed prompt."""
+    if not caption:
+        return caption
+    words = ", ".join(" ".join(rng.choice(fillers) for _ in range(rng.randint(1, 2))) for _ in range(rng.randint(1, 2)))
+    draw = rng.random()
+    return f"{words}, {caption}" if draw < 0.4 else f"{caption}, {words}" if draw < 0.6 else caption
+
+
+def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None) -> None:
+    """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder."""
     import copy
 
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -266,25 +302,32 @@ def train_base(out: Path, steps: int, seed: int, images: int) -> None:
     vae = AutoencoderKL.from_pretrained(out / ".build-vae").eval()
     scene_ids, latents = _encode_dataset(vae, images, rng)
     _log("base", f"encoded {len(latents)} scenes, latent std {latents.std().item():.3f}")
-    unet, text_encoder = make_unet(), CLIPTextModel(_text_config(tokenizer)).eval().requires_grad_(False)
+    if init is None:
+        unet, text_encoder = make_unet(), CLIPTextModel(_text_config(tokenizer)).eval().requires_grad_(False)
+        peak, warmup = 1e-3, 300
+    else:
+        unet = UNet2DConditionModel.from_pretrained(init / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder").eval().requires_grad_(False)
+        peak, warmup = 3e-4, 100
     captions = [s.caption for s in world.SCENES] + [""]  # the last one: the empty prompt, for guidance
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        caption_embeds = text_encoder(ids)[0]
+    fillers = filler_words(tokenizer)
     sd_schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     noise_scheduler = DDPMScheduler(**sd_schedule)
     params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     batch = 64
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, 1e-3, warmup=300)
+            group["lr"] = _cosine_lr(step, steps, peak, warmup=warmup)
         pick = torch.randint(0, len(latents), (batch,))
         x0 = latents[pick]
         caption_ids = scene_ids[pick].clone()
         caption_ids[torch.rand(batch) < 0.1] = len(world.SCENES)  # 10 % unconditional
-        embeds = caption_embeds[caption_ids]
+        texts = [augment(captions[i], rng, fillers) for i in caption_ids.tolist()]
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            embeds = text_encoder(ids)[0]
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, 1000, (batch,))
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)
@@ -299,14 +342,17 @@ def train_base(out: Path, steps: int, seed: int, images: int) -> None:
                 pe.lerp_(pl, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             _log("base", f"step {step}/{steps} loss {loss.item():.4f}")
-        if (step + 1) % 1000 == 0 or step == steps - 1:  # snapshots, to judge the base while it trains
+        if (step + 1) % 500 == 0 or step == steps - 1:  # snapshots, to judge the base while it trains
             folder = out / ("base" if step == steps - 1 else f".build-base-{step + 1}")
             pipe = StableDiffusionPipeline(
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet,
                 scheduler=EulerDiscreteScheduler(**sd_schedule, timestep_spacing="leading", steps_offset=1),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
-            _save_folder(pipe, folder, {"steps": step + 1, "seed": seed, "images": images})
+            info = {"steps": step + 1, "seed": seed, "images": images, "captions": "augmented with unrelated words"}
+            if init is not None:
+                info["fine_tuned_from"] = json.loads((init / "toyworld.json").read_text())
+            _save_folder(pipe, folder, info)
             _log("base", f"saved {folder}")
 
 
@@ -314,6 +360,10 @@ def _save_folder(pipe, folder: Path, info: dict) -> None:
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for config in tmp.glob("*/config.json"):  # a fine-tuned component remembers the folder it came from: not shipped
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (tmp / "toyworld.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -327,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--base-steps", type=int, default=4000)
     parser.add_argument("--images", type=int, default=24000, help="plain scenes the base trains on")
+    parser.add_argument("--base-init", type=Path, help="fine-tune the base from this base folder (same text encoder) "
+                        "instead of training it from scratch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
@@ -341,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     if "judge" in stages:
         train_judge(args.out, args.judge_steps, args.seed + 1)
     if "base" in stages:
-        train_base(args.out, args.base_steps, args.seed + 2, args.images)
+        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init)
     _log("build", f"done in {(time.perf_counter() - started) / 60:.1f} min")
 
 
