@@ -386,3 +386,9 @@ def test_training_loads_in_the_training_dtype_and_records_the_memory_plan(tmp_pa
     info = json.loads((tmp_path / "run" / "final" / "lora_info.json").read_text())
     assert info["memory_plan"] == ["no GPU: the memory plan (optim.memory = auto) applies on a GPU; training with the "
                                    "settings as given"]
+
+
+def test_pivotal_tuning_keeps_the_text_encoders_on_the_gpu(sd):
+    cached = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512), sd))
+    pivotal = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, lora__trigger_vectors=1), sd))
+    assert cached["text encoder weights"] == 0 and pivotal["text encoder weights"] == 2 * sd.params("text_encoder")
