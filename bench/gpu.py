@@ -13,8 +13,9 @@ twice in the same process:
              dtype, the SDXL one in fp32), AdamW / bnb AdamW8bit over the LoRA parameters.
 Columns: s/step, peak VRAM (CUDA context + the caching allocator's peak reserved), the ratio ours /
 diffusers, the memory estimate (lora_trainer.memory) and its error against our measurement, and the
-process's peak RAM. A second table measures system RAM while a pipeline saved in fp32 loads, the way the
-trainer loads it today (fp32, cast afterwards) and directly in the training dtype (memory.load_dtype_for).
+process's peak RAM. A second table measures system RAM while a pipeline saved in fp32 loads, the trainer's
+former way (fp32, cast afterwards) and directly in the training dtype, as lora_trainer.train loads it now
+(memory.load_dtype_for / load_variant_for).
 
     python bench/gpu.py                 # on a CUDA machine (about 10 minutes on one H100-class GPU)
     python bench/gpu.py --tiny          # the same code on the tiny models on the CPU: RAM and s/step only
@@ -270,7 +271,7 @@ def measure(spec: str, parts: dict, row: Row, device: str, steps: int) -> Row:
 
 # -- RAM at load -------------------------------------------------------------------------------------
 def ram_at_load(folder: Path, mode: str) -> int:
-    """Peak RSS of a fresh process loading the pipeline in `folder`: 'fp32-then-cast' (the trainer today) or 'direct'."""
+    """Peak RSS of a fresh process loading the pipeline in `folder`: 'fp32-then-cast' (the trainer before issue 11) or 'direct' (the trainer now)."""
     code = f"""
 import sys, torch; sys.path.insert(0, {str(ROOT)!r})
 from lora_trainer import models, memory

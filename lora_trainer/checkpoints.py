@@ -63,6 +63,8 @@ def resumable_checkpoint(run_dir: Path, cfg) -> tuple[Path | None, list[str]]:
         return None, notes
     saved = json.loads((checkpoint / TRAINER_STATE).read_text()).get("settings", {})
     now = resume_settings(cfg)
+    if cfg.optim.memory == "auto" and (saved.get("optim.optimizer"), now["optim.optimizer"]) == ("adamw8bit", "adamw"):
+        now["optim.optimizer"] = "adamw8bit"  # the memory plan chose it, and keeps it on resume (memory.plan_for_training)
     changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
     if changed:
         raise ConfigError(

@@ -185,9 +185,10 @@ def _check(args: argparse.Namespace, saved: bool) -> int:
     run_dir, cfg = resolve_config(args)
     config_file = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
     source = str(config_file) if config_file.exists() and (saved or args.config) else ""
-    report = preflight(run_dir, cfg, config_source=source)
+    gpu_memory = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    report = preflight(run_dir, cfg, config_source=source, gpu_memory=gpu_memory)
     print(report.format(images_label=args.images if args.images and not saved else None))
-    return 0
+    return 1 if report.refused else 0  # the trainer would refuse it before loading
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate the config and dataset and print the plan, without loading a model")
     _add_config_arguments(p)
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="plan the run's memory for a GPU with this many GiB (default: the GPU found, if any)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="generate an image with a base model and LoRAs")

@@ -131,6 +131,11 @@ class OptimSection:
     gradient_accumulation: int = _f(1, "Batches accumulated per optimizer step.", min=1, max=1024)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
     mixed_precision: str = _f("no", "no, fp16 (GPU) or bf16: frozen weights in half precision, LoRA weights stay fp32.", choices=["no", "fp16", "bf16"])
+    memory: str = _f(
+        "auto", "auto: on a GPU, train with the fastest settings that fit its memory (caching, half precision, batch "
+        "split into accumulation, 8-bit AdamW, gradient checkpointing; each change logged) and refuse a run that "
+        "cannot fit before the model loads; off: train exactly as set. No effect on a CPU.", choices=["auto", "off"],
+    )
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", min=0.0, max=1000.0)
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 disables it.", min=0.0, max=100.0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark or bright images); 0 disables it.", min=0.0, max=1.0)

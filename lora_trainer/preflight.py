@@ -1,7 +1,9 @@
-"""The pre-flight check: dataset, buckets, plan and a rough duration, before any model loads.
+"""The pre-flight check: dataset, buckets, plan, memory and a rough duration, before any model loads.
 
-`python -m lora_trainer check` prints it; the web app's Check button shows it. Nothing here
-imports torch or touches the network.
+`python -m lora_trainer check` prints it; the web app's Check button shows it. The memory part is
+lora_trainer.memory's estimate of the run (each term) and, for a GPU (the one found, or `--gpu-memory
+GB`), the memory plan's verdict: the settings optim.memory = auto will train with, or the refusal
+the trainer would raise. Nothing here loads a weight or touches the network.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset as ds
+from . import memory
 from .config import TrainConfig
+from .memory.plan import HEADROOM, checkpoint_optimizer
 from .plan import RunPlan, plan_run
 
 # Rough seconds per optimizer step at batch size 1, measured on the tiny model on 2 CPU cores and
@@ -22,6 +26,11 @@ from .plan import RunPlan, plan_run
 TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS = 0.04, 0.02
 GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
 GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
+CHECKPOINTING_SLOWDOWN = 1.3  # activations recomputed in the backward pass (config.py's "~30% slower")
+TIME_BASIS = {
+    "builtin": "the tiny model's seconds per step on 2 CPU cores (the toy base is not measured yet)",
+    "gpu": "rough seconds per step of SD 1.5 / SDXL at native size on a 24 GB (A10G-class) GPU, scaled by area and batch",
+}
 
 
 def gpu_present() -> bool:
@@ -33,9 +42,12 @@ def gpu_present() -> bool:
 
 
 def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
-    """A rough duration of the run, or None where it would take days (a real model without a GPU)."""
+    """A rough duration of the run (training, sample renders, evaluation after training), or None where it would
+    take days (a real model without a GPU). TIME_BASIS says what the figures are."""
+    from .evaluate import runs_after_training
+
     total_steps = run.total_steps
-    if run.base.is_builtin:  # the toy base is not measured yet: the tiny model's figures stand in
+    if run.base.is_builtin:
         per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10.0
     elif gpu:
         seconds, native = GPU_STEP_SECONDS[run.base.kind]
@@ -44,9 +56,71 @@ def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
     else:
         return None
     per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
+    if cfg.optim.gradient_checkpointing:
+        per_step *= CHECKPOINTING_SLOWDOWN
     renders = (total_steps // cfg.sampling.every + 1) if cfg.sampling.every else 0
     sampling = renders * len(cfg.sample_prompts()) * cfg.sampling.steps * per_sample_step
-    return overhead + total_steps * per_step + sampling
+    evaluation = 0.0
+    if runs_after_training(cfg.eval, cfg.model.base, gpu):  # the base and every checkpoint, with and without the trigger
+        saves = (total_steps // cfg.output.save_every if cfg.output.save_every else 0) + 1
+        images = (saves + 1) * cfg.eval.prompt_count * cfg.eval.seeds * 2
+        evaluation = images * cfg.eval.steps * per_sample_step
+    return overhead + total_steps * per_step + sampling + evaluation
+
+
+def time_basis(run: RunPlan) -> str:
+    return TIME_BASIS["builtin" if run.base.is_builtin else "gpu"]
+
+
+@dataclass
+class MemoryCheck:
+    """The memory part of the check: the estimate of what will train, and on a GPU the plan's verdict."""
+
+    estimate: memory.Estimate | None
+    gpu_bytes: int | None  # the GPU planned for (found, or --gpu-memory); None: no GPU
+    plan: list[str] = field(default_factory=list)  # the memory plan's changes and reasons
+    refusal: str = ""  # the plan cannot fit: MemoryPlanError's message, naming the change that would
+    problem: str = ""  # the estimate could not be made, and why
+
+    def lines(self) -> list[str]:
+        if self.problem:
+            return [f"memory: not estimated ({self.problem})"]
+        where = f"a GPU of {memory.gb(self.gpu_bytes)}" if self.gpu_bytes else "no GPU found"
+        if self.refusal:
+            return [f"memory plan for {where}: does not fit, the trainer would refuse it before loading: {self.refusal}"]
+        lines = [f"memory plan for {where}:"] + [f"  {reason}" for reason in self.plan]
+        lines += self.estimate.text().splitlines()
+        if self.gpu_bytes and self.estimate.device == "cuda":
+            budget = int(self.gpu_bytes * HEADROOM)
+            fits = self.estimate.total <= budget
+            lines.append(f"memory: {'fits' if fits else 'DOES NOT FIT'}: peak {memory.gb(self.estimate.total)} of "
+                         f"{memory.gb(budget)} planned ({HEADROOM:.0%} of the GPU)"
+                         + ("" if fits else "; set optim.memory = auto to plan it, or lower the settings"))
+        return lines
+
+
+def memory_check(cfg: TrainConfig, run: RunPlan, run_dir: Path, gpu: tuple[int, bool] | None) -> tuple[TrainConfig, MemoryCheck]:
+    """The config the trainer will train (optim.memory = auto planned for `gpu`) and its memory check.
+
+    Without a GPU a built-in model is estimated as it trains here (on the CPU), a real model as it
+    would need a GPU with these settings."""
+    planned, check = cfg, MemoryCheck(None, gpu[0] if gpu else None)
+    try:
+        try:
+            planned, check.plan = memory.plan_for_training(cfg, gpu, processes=run.processes,
+                                                           resumed_optimizer=checkpoint_optimizer(run_dir))
+        except memory.MemoryPlanError as e:
+            check.refusal = str(e)
+            return cfg, check
+        if gpu is None and cfg.optim.memory == "auto":
+            check.plan.append("`check --gpu-memory GB` plans for a GPU of that size")
+        device = "cuda" if gpu is not None or not run.base.is_builtin else "cpu"
+        check.estimate = memory.estimate(planned, device=device, processes=run.processes)
+        if gpu is None and device == "cuda":
+            check.estimate.notes.append("no GPU here: these are the settings as given, on a GPU")
+    except (KeyError, OSError, ValueError) as e:  # a model folder without the files an estimate reads
+        check.problem = f"{type(e).__name__}: {e}"
+    return planned, check
 
 
 def format_duration(seconds: float | None) -> str:
@@ -76,6 +150,13 @@ class Preflight:
     small: list[str] = field(default_factory=list)
     resolution: int = 0
     warnings: list[str] = field(default_factory=list)  # settings that train, probably not as meant
+    memory: MemoryCheck | None = None
+    time_basis: str = ""
+
+    @property
+    def refused(self) -> bool:
+        """The trainer would refuse this run before loading: it cannot fit the GPU."""
+        return bool(self.memory and self.memory.refusal)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +165,11 @@ class Preflight:
             "total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch, "epochs": self.plan.epochs,
             "processes": self.processes, "estimate_seconds": self.estimate_seconds, "small_images": self.small,
             "resolution": self.resolution, "warnings": self.warnings,
+            "memory": None if self.memory is None or self.memory.estimate is None else {
+                "peak_bytes": self.memory.estimate.total, "peak_phase": self.memory.estimate.peak_phase,
+                "ram_bytes": self.memory.estimate.ram_total, "device": self.memory.estimate.device,
+            },
+            "memory_plan": self.memory.plan if self.memory else [], "refusal": self.memory.refusal if self.memory else "",
         }
 
     def format(self, images_label: str | None = None) -> str:
@@ -98,7 +184,8 @@ class Preflight:
             f"{self.batch_size} x {self.accumulation} accumulation x {self.processes} process(es)",
         ]
         if self.estimate_seconds is not None:
-            lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (rough: it depends on the hardware)")
+            lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (rough, from {self.time_basis}; "
+                         "sample renders and evaluation included)")
         else:
             lines.append("estimated time: days without a GPU; real models need one (builtin:tiny-sd runs anywhere)")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -107,21 +194,30 @@ class Preflight:
                 f"warning: {len(self.small)} image(s) are smaller than {self.resolution} px and will be upscaled: "
                 + ", ".join(self.small[:5])
             )
+        if self.memory is not None:
+            lines += self.memory.lines()
         return "\n".join(lines)
 
 
 def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", processes: int | None = None,
-              gpu: bool | None = None) -> Preflight:
-    """Scan the dataset and plan the run exactly as the trainer will (`plan_run`); raises DatasetError if it can't train."""
+              gpu: bool | None = None, gpu_memory: int | None = None) -> Preflight:
+    """Scan the dataset and plan the run exactly as the trainer will (`plan_run`, then the memory plan);
+    raises DatasetError if it can't train. `gpu_memory`: plan for a GPU of that many bytes (with bf16)
+    instead of the one found."""
     run = plan_run(cfg, run_dir, processes)
     data = cfg.data
+    has_gpu = gpu_present() if gpu is None else gpu
+    card = (gpu_memory, True) if gpu_memory else (memory.detect_gpu() if has_gpu else None)
+    trained, mem = memory_check(cfg, run, Path(run_dir), card)
+    if (trained.optim.batch_size, trained.optim.gradient_accumulation) != (cfg.optim.batch_size, cfg.optim.gradient_accumulation):
+        run = plan_run(trained, run_dir, processes)  # the micro-batches the trainer will draw
     return Preflight(
         config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=run.images_dir,
         images=len(run.items), per_epoch=run.per_epoch,
         captioned=sum(1 for i in run.items if i.caption != data.trigger), trigger=data.trigger,
         buckets=run.bucket_counts(), plan=run.batches, processes=run.processes,
-        batch_size=cfg.optim.batch_size, accumulation=cfg.optim.gradient_accumulation,
-        estimate_seconds=estimate_seconds(cfg, run, gpu_present() if gpu is None else gpu),
+        batch_size=trained.optim.batch_size, accumulation=trained.optim.gradient_accumulation,
+        estimate_seconds=estimate_seconds(trained, run, has_gpu or card is not None),
         small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
-        warnings=run.warnings,
+        warnings=run.warnings, memory=mem, time_basis=time_basis(run),
     )

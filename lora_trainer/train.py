@@ -34,6 +34,7 @@ from . import models
 from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
 from .fsutil import disk_full_from
+from .memory import load_dtype_for, load_variant_for, plan_run_memory
 from .optimizers import lora_plus_groups, make_optimizer
 from .plan import plan_run
 from .preservation import adapters_disabled, without_trigger
@@ -82,7 +83,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
     import torch
     from accelerate.utils import set_seed
 
-    accelerator, cfg = _accelerator(run_dir, cfg)
+    accelerator, cfg, memory_notes = _accelerator(run_dir, cfg)
     opt, data, rank = cfg.optim, cfg.data, accelerator.process_index
     recorder = Recorder(run_dir, cfg, accelerator, list(listeners))  # from here on, SIGTERM means "stop"
     checkpoint = None
@@ -104,6 +105,7 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         else:
             start_step = 0
         recorder.attach(t, plan)
+        recorder.info["memory_plan"] = memory_notes  # lora_info.json says what the plan changed and why
         recorder.check_disk()
         recorder.started(start_step, str(checkpoint.relative_to(run_dir)) if checkpoint else None, notes + plan.warnings)
         if start_step == 0:
@@ -180,6 +182,8 @@ def _accelerator(run_dir: Path, cfg: config_mod.TrainConfig | None):
         raise config_mod.ConfigError("optim.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine")
     # Launched as several processes on a machine without CUDA: data-parallel on CPUs (gloo).
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # optim.memory = auto: before the Accelerator, which takes the planned precision and accumulation.
+    cfg, memory_notes = plan_run_memory(cfg, run_dir, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = Accelerator(
         mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.gradient_accumulation,
         cpu=cpu_processes,
@@ -188,7 +192,8 @@ def _accelerator(run_dir: Path, cfg: config_mod.TrainConfig | None):
         accelerator.wait_for_everyone()  # the main process may still be writing dataset/ and config.toml
         if not accelerator.is_main_process:
             cfg = config_mod.load(run_dir)  # every process trains exactly what the main process saved
-    return accelerator, cfg
+            cfg, _ = plan_run_memory(cfg, run_dir, accelerator.num_processes)
+    return accelerator, cfg, memory_notes
 
 
 def _nan_failure(loss: float, step: int, run_dir: Path, learning_rate: float) -> TrainingFailed:
@@ -273,7 +278,9 @@ def load_trainables(cfg: config_mod.TrainConfig, base: models.BaseModel, acceler
 
     opt, device, world = cfg.optim, accelerator.device, accelerator.num_processes
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opt.mixed_precision, torch.float32)
-    pipe = models.load_pipeline(base, revision=cfg.model.revision, variant=cfg.model.variant)
+    # Frozen weights load straight in their training dtype (fp32 first, cast afterwards, doubles the RAM at load).
+    pipe = models.load_pipeline(base, load_dtype_for(cfg, base.loader == "single_file"), revision=cfg.model.revision,
+                                variant=load_variant_for(cfg))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     check_prediction_type(noise_scheduler.config.prediction_type, cfg.model.base)
     text_encoders = models.text_encoders(pipe)

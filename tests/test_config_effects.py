@@ -55,6 +55,7 @@ ROWS: dict[str, tuple] = {
     "optim.gradient_accumulation": (2, {}, "plan"),
     "optim.gradient_checkpointing": (True, {}, "events"),  # and the same weights: test_train proves it
     "optim.mixed_precision": ("bf16", {}, "weights"),
+    "optim.memory": ("off", {}, "gpu-plan"),  # on a CPU a no-op: the plan for an 8 GiB GPU shows it
     "optim.max_grad_norm": (1e-4, {}, "weights"),
     # Min-SNR only weighs down timesteps whose SNR is above gamma: at 1.0 three random timesteps of the tiny
     # model's schedule (SNR < 1 above t ~ 350) can all be left at weight 1, so try a gamma nearly all exceed.
@@ -134,6 +135,8 @@ def observe(world, what: str, cfg, monkeypatch):
     if what == "plan":
         report = preflight(world["tmp"], cfg, gpu=False)
         return report.to_dict() | {"resolution": report.resolution}
+    if what == "gpu-plan":
+        return preflight(world["tmp"], cfg, gpu=False, gpu_memory=8 * 2**30).to_dict()
     if what == "hub-request":
         return _hub_request(world, cfg, monkeypatch)
     if what == "outcome":

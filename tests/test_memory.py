@@ -278,3 +278,117 @@ def test_a_single_checkpoint_file_is_sized_from_its_header(tmp_path):
     assert arch.components["unet"].file_dtype == "F16"
     # Layer shapes: the published SDXL UNet (70 transformer blocks, two attentions each, A and B per projection).
     assert len(lora_tensors(arch.components["unet"], ATTENTION, 4)) == 70 * 2 * 4 * 2
+
+
+# -- the plan at train start (optim.memory) ------------------------------------------------------------
+def test_at_train_start_the_plan_applies_on_a_gpu_and_says_why(sdxl):
+    cfg = config("stabilityai/stable-diffusion-xl-base-1.0", 1024, data__cache_latents=False)
+    planned, notes = memory.plan_for_training(cfg, (12 * GiB, True), base=sdxl)
+    assert planned.optim.gradient_checkpointing and planned.data.cache_latents
+    assert any("gradient checkpointing on" in n for n in notes) and any("latent caching on" in n for n in notes)
+    assert not cfg.optim.gradient_checkpointing  # the caller's config is left alone
+
+
+@pytest.mark.parametrize("memory_field, gpu, note", [
+    ("auto", None, "no GPU: the memory plan (optim.memory = auto) applies on a GPU; training with the settings as given"),
+    ("off", (12 * GiB, True), "optim.memory = off: training with the settings as given"),
+])
+def test_on_a_cpu_or_with_memory_off_the_plan_changes_nothing_and_says_so(sdxl, memory_field, gpu, note):
+    cfg = config("stabilityai/stable-diffusion-xl-base-1.0", 1024, optim__memory=memory_field, data__cache_latents=False)
+    planned, notes = memory.plan_for_training(cfg, gpu, base=sdxl)
+    assert planned == cfg and notes == [note]
+
+
+def test_a_resumed_run_keeps_the_optimizer_its_checkpoints_were_trained_with(sd):
+    cfg = config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, optim__batch_size=4)
+    fresh, _ = memory.plan_for_training(cfg, (4 * GiB, True), base=sd)
+    assert fresh.optim.optimizer == "adamw"
+    resumed, notes = memory.plan_for_training(cfg, (4 * GiB, True), base=sd, resumed_optimizer="adamw8bit")
+    assert resumed.optim.optimizer == "adamw8bit" and "the checkpoints were trained with it" in notes[0]
+
+
+def test_the_run_is_refused_before_loading_when_it_cannot_fit(sdxl):
+    with pytest.raises(memory.MemoryPlanError, match="To fit: lower data.resolution to 256"):
+        memory.plan_for_training(config("stabilityai/stable-diffusion-xl-base-1.0", 1024), (8 * GiB, True), base=sdxl)
+
+
+def _checkpoint(run, optimizer: str) -> None:
+    import json
+
+    from lora_trainer.checkpoints import RESUME_FILES, resume_settings, write_manifest
+
+    folder = run / "checkpoints" / "step-000002"
+    for name in RESUME_FILES[:-1]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"state")
+    settings = resume_settings(config("builtin:tiny-sd", 64, optim__optimizer=optimizer))
+    (folder / RESUME_FILES[-1]).write_text(json.dumps({"step": 2, "settings": settings}))
+    write_manifest(folder)
+
+
+@pytest.mark.parametrize("memory_field, resumes", [("auto", True), ("off", False)])
+def test_a_run_the_plan_gave_8bit_adamw_resumes_with_it(tmp_path, memory_field, resumes):
+    from lora_trainer.checkpoints import check_resumable
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.memory.plan import checkpoint_optimizer
+
+    _checkpoint(tmp_path, "adamw8bit")
+    assert checkpoint_optimizer(tmp_path) == "adamw8bit"
+    cfg = config("builtin:tiny-sd", 64, optim__optimizer="adamw", optim__memory=memory_field)
+    if resumes:
+        assert check_resumable(tmp_path, cfg).name == "step-000002"
+    else:
+        with pytest.raises(ConfigError, match="optim.optimizer was 'adamw8bit', now 'adamw'"):
+            check_resumable(tmp_path, cfg)
+
+
+@pytest.mark.parametrize("precision, unet, text_encoder, vae", [
+    ("no", "float32", "float32", "float32"),
+    ("bf16", "bfloat16", "bfloat16", "float32"),  # the VAE stays fp32: in half precision it overflows
+])
+def test_the_pipeline_loads_in_its_training_dtype(precision, unet, text_encoder, vae):
+    from lora_trainer import models
+
+    cfg = config("builtin:tiny-sd", 64, optim__mixed_precision=precision)
+    pipe = models.load_pipeline(models.resolve("builtin:tiny-sd"), memory.load_dtype_for(cfg), variant=memory.load_variant_for(cfg))
+    dtypes = {name: {str(p.dtype).removeprefix("torch.") for p in getattr(pipe, name).parameters()}
+              for name in ("unet", "text_encoder", "vae")}
+    assert dtypes == {"unet": {unet}, "text_encoder": {text_encoder}, "vae": {vae}}
+
+
+def test_training_loads_in_the_training_dtype_and_records_the_memory_plan(tmp_path, monkeypatch):
+    import json
+
+    import torch
+    from accelerate.state import AcceleratorState
+    from conftest import make_images, tiny_config
+
+    from lora_trainer import config as config_mod
+    from lora_trainer import models
+    from lora_trainer.train import train
+
+    loaded = []
+    real_load = models.load_pipeline
+
+    def spy(base, dtype=None, **kwargs):
+        pipe = real_load(base, dtype, **kwargs)
+        loaded.append((dtype, pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype))  # as loaded, before any cast
+        return pipe
+
+    monkeypatch.setattr(models, "load_pipeline", spy)
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=1, optim__mixed_precision="bf16")
+    config_mod.save(cfg, tmp_path / "run")
+    try:
+        train(tmp_path / "run", cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert loaded == [({"default": torch.bfloat16, "vae": torch.float32}, torch.bfloat16, torch.bfloat16, torch.float32)]
+    info = json.loads((tmp_path / "run" / "final" / "lora_info.json").read_text())
+    assert info["memory_plan"] == ["no GPU: the memory plan (optim.memory = auto) applies on a GPU; training with the "
+                                   "settings as given"]
+
+
+def test_pivotal_tuning_keeps_the_text_encoders_on_the_gpu(sd):
+    cached = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512), sd))
+    pivotal = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, lora__trigger_vectors=1), sd))
+    assert cached["text encoder weights"] == 0 and pivotal["text encoder weights"] == 2 * sd.params("text_encoder")

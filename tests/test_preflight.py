@@ -117,3 +117,103 @@ def test_an_empty_trigger_is_refused_where_an_image_has_no_caption(tmp_path):
     (images / "img001.txt").write_text("ohwx, a caption")
     report = preflight(tmp_path, tiny_config(images, data__trigger=""), gpu=False)  # every image captioned: a warning
     assert any("data.trigger is empty" in w for w in report.warnings)
+
+
+# -- memory: the estimate and the plan's verdict, as check prints them ---------------------------------
+GiB = 2**30
+
+
+def published_model(folder, kind: str):
+    """A diffusers folder with every published SD 1.5 / SDXL component config and no weights."""
+    import json
+
+    from lora_trainer.memory.published import PUBLISHED
+
+    classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+               "text_encoder_2": "CLIPTextModelWithProjection"}
+    index = {"_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"}
+    for name, config in PUBLISHED[kind].items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
+        index[name] = ["diffusers" if name in ("unet", "vae") else "transformers", classes[name]]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def check_output(tmp_path, capsys, kind: str, gib: float | None, **settings) -> tuple[int, str]:
+    """`python -m lora_trainer check RUN [--gpu-memory GIB]` on a run of the published `kind` at its native size."""
+    from lora_trainer import config as config_mod
+    from lora_trainer.cli import main
+
+    base = published_model(tmp_path / kind, kind)
+    values = {"model__base": str(base), "data__resolution": 1024 if kind == "sdxl" else 512, "data__bucket_step": 64,
+              "lora__rank": 32, "optim__mixed_precision": "bf16", "sampling__every": 100, **settings}
+    config_mod.save(tiny_config(make_images(tmp_path / "images"), **values), tmp_path / "run")
+    capsys.readouterr()
+    code = main(["check", str(tmp_path / "run"), *(["--gpu-memory", str(gib)] if gib else [])])
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind, gib, expected", [
+    # SD 1.5 512 px rank 32 bf16: the UNet in bf16, encoders off the GPU, no concession needed on 6 GiB.
+    ("sd", 6, ["UNet weights                        1.60 GiB  859.5M params, bf16", "LoRA weights",
+               "text encoder weights                0.00 GiB  off the GPU (captions cached)",
+               "gradient checkpointing off", "memory: fits: peak 3.", "system RAM while loading:"]),
+    # SDXL 1024 px on 12 GiB: 8-bit AdamW is not enough (13.8 GiB), gradient checkpointing is.
+    ("sdxl", 12, ["UNet weights                        4.78 GiB  2567.5M params, bf16", "would need 13.",
+                  "gradient checkpointing on: activations are recomputed", "peak: 10.39 GiB (sample renders)",
+                  "memory: fits:"]),
+])
+def test_check_prints_the_memory_estimate_and_the_plan(tmp_path, capsys, kind, gib, expected):
+    code, out = check_output(tmp_path, capsys, kind, gib)
+    assert code == 0
+    assert f"memory plan for a GPU of {gib:.2f} GiB:" in out
+    for line in expected:
+        assert line in out, line
+
+
+def test_check_refuses_a_run_that_cannot_fit_with_the_change_that_would(tmp_path, capsys):
+    code, out = check_output(tmp_path, capsys, "sdxl", 8)
+    assert code == 1
+    assert "does not fit, the trainer would refuse it before loading: this run needs at least 10.13 GiB" in out
+    assert "To fit: lower data.resolution to 256" in out
+
+
+def test_memory_off_trains_the_settings_as_given_and_check_says_they_do_not_fit(tmp_path, capsys):
+    code, out = check_output(tmp_path, capsys, "sd", 4, optim__batch_size=8, optim__memory="off")
+    assert code == 0  # the user's call: the trainer does not refuse it
+    assert "optim.memory = off: training with the settings as given" in out
+    assert "batch 8 at 512x512" in out and "memory: DOES NOT FIT" in out
+
+
+def test_the_memory_plan_changes_the_batch_check_reports(tmp_path):
+    from lora_trainer import memory
+
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__batch_size=4)
+    one, four = (memory.estimate(tiny_config(tmp_path / "images", optim__batch_size=b, optim__mixed_precision="bf16")).total
+                 for b in (1, 4))
+    card = int((one + four) / 2 / memory.plan.HEADROOM)  # batch 1 fits, batch 4 does not
+    planned = preflight(tmp_path, cfg, gpu=False, gpu_memory=card)
+    assert (planned.batch_size, planned.accumulation) != (4, 1)
+    assert planned.batch_size * planned.accumulation == 4
+    assert any("same 4 images per step" in r for r in planned.memory.plan)
+    assert f"batch {planned.batch_size} x {planned.accumulation} accumulation" in planned.format()
+
+
+def test_without_a_gpu_a_builtin_model_is_estimated_as_it_trains_here(tmp_path):
+    report = preflight(tmp_path, tiny_config(make_images(tmp_path / "images")), gpu=False)
+    text = report.format()
+    assert report.memory.estimate.device == "cpu" and report.memory.estimate.total > 0
+    assert "memory plan for no GPU found:" in text and "memory (training on the CPU), training step:" in text
+    assert "CUDA context" not in text and "check --gpu-memory GB" in text
+    assert report.to_dict()["memory"]["peak_bytes"] == report.memory.estimate.total
+
+
+def test_the_time_estimate_says_what_it_is_based_on_and_counts_the_evaluation(tmp_path):
+    images = make_images(tmp_path / "images")
+    without = preflight(tmp_path, tiny_config(images, eval__after_training="off"), gpu=False)
+    evaluated = preflight(tmp_path, tiny_config(images, eval__after_training="on"), gpu=False)
+    slower = preflight(tmp_path, tiny_config(images, optim__gradient_checkpointing=True, eval__after_training="off"), gpu=False)
+    assert evaluated.estimate_seconds > without.estimate_seconds
+    assert slower.estimate_seconds > without.estimate_seconds
+    assert "the tiny model's seconds per step on 2 CPU cores" in without.format()

@@ -4,9 +4,10 @@ the fastest settings that fit. Nothing here imports torch at import time."""
 
 from .arch import Architecture, Component, architecture, lora_tensors
 from .estimator import Estimate, Term, estimate, gb, load_dtype_for, load_variant_for, optimizer_state_bytes
-from .plan import MemoryPlanError, auto_plan, detect_gpu
+from .plan import MemoryPlanError, auto_plan, detect_gpu, plan_for_training, plan_run_memory
 
 __all__ = [
     "Architecture", "Component", "Estimate", "MemoryPlanError", "Term", "architecture", "auto_plan", "detect_gpu",
-    "estimate", "gb", "load_dtype_for", "load_variant_for", "lora_tensors", "optimizer_state_bytes",
+    "estimate", "gb", "load_dtype_for", "load_variant_for", "lora_tensors", "optimizer_state_bytes", "plan_for_training",
+    "plan_run_memory",
 ]

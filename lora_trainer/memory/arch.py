@@ -201,18 +201,18 @@ def _cached_hub_folder(repo_id: str) -> Path | None:
 
 def architecture(spec: str, variant: str = "") -> Architecture:
     """The architecture of a base model as the user names it (Hub id, folder, file, builtin:*), offline."""
-    from ..models import guess_kind, resolve
-    from ..tiny import TINY_MODELS
+    from ..config import REPO_ID
+    from ..models import BUILTIN_MODELS, guess_kind, resolve
 
     spec = spec.strip()
     path = Path(spec).expanduser()
-    if spec in TINY_MODELS or path.exists():
+    if spec in BUILTIN_MODELS or path.exists():  # the toy base too: its own folder, not SD 1.5's size
         base = resolve(spec)
         if base.loader == "single_file":
             return from_single_file(Path(base.source), base.kind)
         return from_folder(Path(base.source), base.kind, variant)
     kind = PUBLISHED_IDS.get(spec) or guess_kind(spec)
-    cached = _cached_hub_folder(spec)
+    cached = _cached_hub_folder(spec) if REPO_ID.match(spec) else None
     if cached is not None:
         return from_folder(cached, kind, variant)
     if spec in PUBLISHED_IDS:

@@ -106,9 +106,11 @@ def optimizer_state_bytes(optimizer: str, tensors: list[tuple[str, int]]) -> int
 
 
 def text_caching(cfg: TrainConfig) -> bool:
-    """The trainer's rule: captions are encoded once only when they never change."""
-    d = cfg.data
-    return d.cache_text_embeddings and not (cfg.lora.train_text_encoder or d.shuffle_captions or d.caption_dropout > 0)
+    """The trainer's rule (train.caching): captions are encoded once only when they never change, and not
+    with pivotal tuning (the trigger's embedding trains, so the text encoders run every step)."""
+    d, lora = cfg.data, cfg.lora
+    return d.cache_text_embeddings and not (lora.train_text_encoder or lora.trigger_vectors or d.shuffle_captions
+                                            or d.caption_dropout > 0)
 
 
 def weight_dtype(cfg: TrainConfig) -> str:

@@ -14,8 +14,11 @@ A plan that fits none of these is refused with the change that would make it fit
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import shutil
 import subprocess
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import LoraStudioError
@@ -32,6 +35,8 @@ from .estimator import (
 )
 
 HEADROOM = 0.95  # plan to 95% of the card: other processes, fragmentation beyond the estimate
+
+log = logging.getLogger(__name__)
 
 
 class MemoryPlanError(LoraStudioError):
@@ -74,9 +79,10 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def auto_plan(cfg: TrainConfig, base: str | Architecture | None = None, gpu_bytes: int | None = None, *,
-              bf16: bool = True, processes: int = 1) -> tuple[TrainConfig, list[str]]:
+              bf16: bool = True, processes: int = 1, keep_optimizer: bool = False) -> tuple[TrainConfig, list[str]]:
     """The fastest settings for `cfg` that fit a GPU of `gpu_bytes` (detected when None), and the reasons.
 
+    `keep_optimizer`: never switch to 8-bit AdamW (a resumed run's optimizer state is its optimizer's).
     Raises MemoryPlanError when nothing fits, naming the change that would.
     """
     if gpu_bytes is None:
@@ -105,7 +111,7 @@ def auto_plan(cfg: TrainConfig, base: str | Architecture | None = None, gpu_byte
 
     # 2-4. the first candidate that fits, in order of speed
     images = new.optim.batch_size * new.optim.gradient_accumulation
-    optimizers = [new.optim.optimizer] + (["adamw8bit"] if new.optim.optimizer == "adamw" else [])
+    optimizers = [new.optim.optimizer] + (["adamw8bit"] if new.optim.optimizer == "adamw" and not keep_optimizer else [])
     tried = []
     for checkpointing in (False, True):
         for optimizer in optimizers:
@@ -117,6 +123,48 @@ def auto_plan(cfg: TrainConfig, base: str | Architecture | None = None, gpu_byte
                 if _fits(est, budget):
                     return candidate, reasons + _explain(cfg, candidate, est, tried[:-1])
     raise MemoryPlanError(_refusal(new, arch, budget, tried[-1][1], processes))
+
+
+def plan_for_training(cfg: TrainConfig, gpu: tuple[int, bool] | None, *, processes: int = 1,
+                      resumed_optimizer: str | None = None, base: str | Architecture | None = None) -> tuple[TrainConfig, list[str]]:
+    """What the trainer trains: `cfg` planned by optim.memory = auto for `gpu` ((total bytes, bf16) or None
+    for none), and one line per change and its reason. On a CPU, or with optim.memory = off, nothing
+    changes and one line says so. A resumed run keeps the optimizer its checkpoints were trained with.
+    Raises MemoryPlanError (before any weight loads) when the run cannot fit."""
+    if cfg.optim.memory == "off":
+        return cfg, ["optim.memory = off: training with the settings as given"]
+    if gpu is None:
+        return cfg, ["no GPU: the memory plan (optim.memory = auto) applies on a GPU; training with the settings as given"]
+    pinned = []
+    if resumed_optimizer and resumed_optimizer != cfg.optim.optimizer:
+        pinned = [f"optimizer {resumed_optimizer} (set: {cfg.optim.optimizer}): the checkpoints were trained with it"]
+        cfg = _with(cfg, optim__optimizer=resumed_optimizer)
+    planned, reasons = auto_plan(cfg, base, gpu[0], bf16=gpu[1], processes=processes,
+                                 keep_optimizer=resumed_optimizer is not None)
+    return planned, pinned + reasons
+
+
+def checkpoint_optimizer(run_dir: str | Path) -> str | None:
+    """The optimizer the run's newest checkpoint was trained with (its saved settings), or None."""
+    from ..checkpoints import TRAINER_STATE, checkpoint_dirs
+
+    for checkpoint in reversed(checkpoint_dirs(Path(run_dir))):
+        try:
+            return json.loads((checkpoint / TRAINER_STATE).read_text())["settings"]["optim.optimizer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged: check_resumable reports it and falls back to an older one
+    return None
+
+
+def plan_run_memory(cfg: TrainConfig, run_dir: str | Path, processes: int = 1) -> tuple[TrainConfig, list[str]]:
+    """The memory plan at train start, for the GPU this process sees (none: a no-op), each line logged."""
+    import torch
+
+    gpu = detect_gpu() if torch.cuda.is_available() else None
+    planned, notes = plan_for_training(cfg, gpu, processes=processes, resumed_optimizer=checkpoint_optimizer(run_dir))
+    for note in notes:
+        log.info("memory plan: %s", note)
+    return planned, notes
 
 
 def _explain(old: TrainConfig, new: TrainConfig, est: Estimate, rejected: list) -> list[str]:

@@ -175,7 +175,8 @@ def _lora_model(component: str, config: dict, dtype: str, lora: dict | None):
     from ..models import attach_lora, lora_config
     from .arch import meta_model
 
-    model = meta_model(component, config).to(_dtype(dtype)).requires_grad_(False)
+    # torch's own Module.to: diffusers' override warns on every dtype cast, even with no fp32-only modules.
+    model = torch.nn.Module.to(meta_model(component, config), _dtype(dtype)).requires_grad_(False)
     if lora:
         with torch.device("meta"):
             attach_lora(model, lora_config(lora["rank"], lora["rank"], 0.0, lora["targets"], use_dora=lora.get("dora", False),

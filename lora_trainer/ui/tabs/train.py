@@ -232,7 +232,8 @@ def check_run(session: Session, **settings: Any) -> str:
     run = _dataset_ready(session)
     cfg, notes = build_config(run, settings)
     report = preflight(run, cfg, config_source="this page's settings", gpu=system.has_gpu())
-    lines = ["#### Check passed", f"```\n{report.format(images_label='this run')}\n```"]
+    heading = "#### Check: this run does not fit the GPU (see *memory plan*)" if report.refused else "#### Check passed"
+    lines = [heading, f"```\n{report.format(images_label='this run')}\n```"]
     if notes:
         lines.append("Note: " + "; ".join(notes) + ".")
     return "\n\n".join(lines)
