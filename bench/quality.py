@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             if (run / "best").is_dir():
                 files.append(run / "best")
             for folder in files:
-                label = {"final": name, "best": f"{name} best ({_best_step(run)})"}.get(folder.name, f"{name} @{folder.name}")
+                label = name if folder.name == "final" else f"{name} best ({_best_step(run)})" if folder.name == "best" \
+                    else f"{name} @{folder.name}"
                 lora = folder / "pytorch_lora_weights.safetensors"
                 for s in lora_quality(lora, args.style, base=args.base, strengths=strengths, seeds=seeds, position=args.position):
                     print(_row(label, s, seconds if folder.name == "final" else None), flush=True)
