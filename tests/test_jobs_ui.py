@@ -32,6 +32,8 @@ from lora_trainer.ui import jobs, system
 pytestmark = pytest.mark.slow
 ON_JOBS = {"where": "hf-jobs", "flavor": "l4x1", "timeout": "2h"}
 JOB_TRAINING = {**TINY_TRAINING, "optim.steps": 30, "sampling.every": 0, "output.save_every": 2}
+# A run that cannot end before the test stops it, however fast the machine: the stop and resume are the test.
+LONG_JOB = {**JOB_TRAINING, "optim.steps": 100_000}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,26 @@ def app(hub, tmp_path_factory):
 
 def run_folder(workspace: Path, client) -> Path:
     return next(p for p in workspace.glob(f"*/{current_run(client)}") if p.is_dir())
+
+
+def poll_until_step(client, at_least: int, view: dict, stall: float = 300) -> dict:
+    """Poll until the page shows training at step `at_least` or later (steps may pass between two polls);
+    it gives up only when the status has not changed for `stall` seconds."""
+    import re
+    import time
+
+    last, since = None, time.monotonic()
+    while True:
+        status = str(view.get("status", ""))
+        found = re.search(r"step (\d+) /", status)
+        if found and int(found.group(1)) >= at_least:
+            return view
+        assert "failed" not in status, status
+        if status != last:
+            last, since = status, time.monotonic()
+        assert time.monotonic() - since < stall, f"the status stayed at: {status}"
+        view = merge(view, client.predict(api_name="/poll"))
+        time.sleep(0.2)
 
 
 def events_of(run: Path) -> list[dict]:
@@ -92,7 +114,7 @@ def test_a_run_trains_on_jobs_from_the_page_is_followed_again_after_a_restart_st
 
     # Start on Jobs: the job's events reach the same live view as a local run's.
     client.predict("hf-jobs", api_name="/train_where")
-    view = poll_until(client, "s/step", "failed", view=start(client, **ON_JOBS, **JOB_TRAINING))
+    view = poll_until(client, "s/step", "failed", view=start(client, **ON_JOBS, **LONG_JOB))
     assert "Training**: step" in view["status"] and "ETA" in view["status"], view["status"]
     run = run_folder(workspace, client)
     state = hub_jobs.job_state(run)
@@ -114,24 +136,26 @@ def test_a_run_trains_on_jobs_from_the_page_is_followed_again_after_a_restart_st
     assert jobs.MANAGER.detach(run) is True
     view = merge(view, client.predict(api_name="/poll"))  # the page's next tick
     assert jobs.MANAGER.get(run).args == ["--on", "hf-jobs", "--attach"] and view["timer"]["active"] is True
-    view = poll_until(client, f"step {steps_before + 2} /", f"step {steps_before + 3} /", "Finished", view=view)
+    view = poll_until_step(client, steps_before + 2, view)
     assert len(hub.jobs) == 1  # the same job, not a new one
 
     # Stop: the job saves, pushes and stops; Resume continues on Jobs from the pushed checkpoint.
-    view = settle(client, poll_until(client, "Stopped at", "Finished", view=start(client, "/stop_training")))
-    assert "Stopped at" in view["status"], view["status"]
+    def stop() -> int:
+        stopped = settle(client, poll_until(client, "Stopped at", "failed", view=start(client, "/stop_training")))
+        assert "Stopped at" in stopped["status"], stopped["status"]
+        return next(e for e in reversed(events_of(run)) if e["type"] == "stopped")["step"]
+
+    stopped_at = stop()
     assert first.stage == "COMPLETED"
-    stopped_at = next(e for e in reversed(events_of(run)) if e["type"] == "stopped")["step"]
-    view = settle(client, poll_until(client, "Finished", "failed", view=start(client, "/resume_training")))
-    assert "Finished: step 30 / 30" in view["status"], view["status"]
+    view = poll_until_step(client, stopped_at + 1, poll_until(client, "Training**: step", "failed", view=start(client, "/resume_training")))
     second = hub.jobs[hub_jobs.job_state(run).current.id]
     assert second is not first and "--resume-from" in second.spec["command"]
     started = [e for e in events_of(run) if e["type"] == "started"]
     assert started[-1]["resumed"] is True and started[-1]["step"] == stopped_at
+    assert stop() > stopped_at  # it went on from the checkpoint, not from zero
 
-    # The LoRA is in the run folder (the page offers it) and in the user's repo; the token is in no file or page.
-    downloaded = {Path(f).name for f in view["files"]}
-    assert {"pytorch_lora_weights.safetensors", "stripes.safetensors"} <= downloaded
+    # The LoRA's checkpoints are in the run folder and in the user's repo; the token is in no file or page.
+    assert (run / "checkpoints" / f"step-{stopped_at:06d}" / "pytorch_lora_weights.safetensors").is_file()
     repo = hub.repos[state.repo]
     assert any(name.endswith("pytorch_lora_weights.safetensors") for name in repo.files)
     page = json.dumps(view)
