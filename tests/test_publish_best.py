@@ -4,34 +4,25 @@ The run is the one tests/test_hub.py builds (checkpoints at steps 50 and 100, sa
 the evaluation's result is written by evaluate.save_evaluation itself, so best/ is what a real evaluation leaves.
 """
 
+# ruff: noqa: F811 - the tests take the `fake` fixture imported from test_hub
 from __future__ import annotations
 
 from pathlib import Path
 
-import huggingface_hub
 import pytest
-from fake_hub import WRITE_TOKEN, FakeHub
+from fake_hub import WRITE_TOKEN
 from huggingface_hub import ModelCard
-from test_hub import make_run
+from test_hub import (
+    fake,  # noqa: F401 - the same running fake Hub
+    make_run,
+)
 
 from lora_trainer import cli
 from lora_trainer.evaluate import EvalSettings, Recommendation, Row, save_evaluation
-from lora_trainer.hub import HubError, client, push_run, render_model_card
+from lora_trainer.hub import HubError, push_run, render_model_card
 from lora_trainer.hub.publish import default_checkpoint, publishable_checkpoints
 
 REASON = "step 50 has the most style among the checkpoints that keep the prompt"
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A running fake Hub; no token from the environment or a login; retries without pauses."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(client, "RETRY_BASE_DELAY", 0.0)
-    with FakeHub() as server:
-        yield server
 
 
 def evaluated_run(tmp_path: Path, pick: str | None = "step-000050") -> Path:
