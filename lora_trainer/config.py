@@ -86,6 +86,14 @@ class DataSection:
         True, "Encode captions once before training (turned off automatically with text-encoder training, shuffle or dropout)."
     )
     num_workers: int = _f(0, "Image-loading worker processes when latents are not cached.", min=0, max=32)
+    reg_images: str = _f(
+        "", "Prior preservation (DreamBooth's class images, kohya's reg subsets): a folder of regularization images of "
+        "the class (e.g. paintings the base model drew) with optional same-named .txt captions (relative paths are "
+        "inside the run folder; the CLI's --reg-images takes a folder or zip into RUN/reg). Each step trains an "
+        "equal-size batch of them beside the training images, repeated as needed; the step costs ~2x. Empty = off.",
+    )
+    reg_caption: str = _f("", "Caption of a regularization image without a .txt caption: the class prompt, e.g. "
+                          "'a painting' (kohya's class_tokens of the reg subset).")
 
 
 @dataclass
@@ -143,6 +151,11 @@ class OptimSection:
     preservation_weight: float = _f(
         0.0, "Output preservation: pull the LoRA's prediction for each caption without the trigger towards the base "
         "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step).",
+        min=0.0, max=100.0,
+    )
+    prior_loss_weight: float = _f(
+        1.0, "Prior preservation: the regularization images' loss is added at this weight to the training images' "
+        "(DreamBooth's prior_loss_weight; 1 is typical, 0 = they train nothing). Only with data.reg_images.",
         min=0.0, max=100.0,
     )
     preservation_class: str = _f("", "Word that replaces the trigger in the preservation captions (e.g. 'painting'); empty removes it.")

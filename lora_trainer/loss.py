@@ -42,7 +42,7 @@ class DiffusionStep:
 @dataclass
 class Loss:
     value: Any  # the scalar to backpropagate
-    per_sample: Any  # the unweighted MSE of each sample
+    per_sample: Any  # the unweighted MSE of each sample (the regularization images' last)
     weights: Any | None  # the Min-SNR weight of each sample; None when it is off
     step: DiffusionStep
     terms: dict[str, Any] = field(default_factory=dict)  # extra terms, as added to `value`
@@ -113,10 +113,17 @@ def compute_loss(
     """The denoising loss of one micro-batch; `rng` (a torch.Generator) draws the noise and the timesteps."""
     import torch.nn.functional as F
 
+    import torch
+
     latents = batch.latents
+    n = latents.shape[0] - batch.reg_count  # training images; the regularization images follow them
     # Sample the noise we'll add to the latents, and a timestep per image (uniform, logit-normal or shifted).
-    noise = sample_noise(latents, rng, opt.noise_offset)
-    timesteps = sample_timesteps(latents.shape[0], t.noise_scheduler.config.num_train_timesteps, rng, latents.device, opt)
+    noise = sample_noise(latents[:n], rng, opt.noise_offset)
+    timesteps = sample_timesteps(n, t.noise_scheduler.config.num_train_timesteps, rng, latents.device, opt)
+    if batch.reg_count:  # drawn after the training images': theirs stay what they would be without prior preservation
+        noise = torch.cat([noise, sample_noise(latents[n:], rng, opt.noise_offset)])
+        timesteps = torch.cat([timesteps, sample_timesteps(
+            batch.reg_count, t.noise_scheduler.config.num_train_timesteps, rng, latents.device, opt)])
     # The forward diffusion process: noise the latents to each timestep.
     noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(t.noise_scheduler, latents, noise, timesteps)
@@ -126,9 +133,13 @@ def compute_loss(
     # Mean squared error per image, optionally Min-SNR weighted.
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
     weights = min_snr_weights(t.noise_scheduler, timesteps, opt.min_snr_gamma) if opt.min_snr_gamma else None
-    value = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+    weighted = per_sample * weights if weights is not None else per_sample
+    value = weighted[:n].mean()
     step = DiffusionStep(noise, timesteps, noisy, target, pred)
     terms = {name: term(batch, t, step) for name, term in (extra_terms or {}).items()}
+    if batch.reg_count:
+        # Prior preservation (DreamBooth): the regularization images' own loss, at its weight.
+        terms["prior"] = opt.prior_loss_weight * weighted[n:].mean()
     if preserved is not None:
         # Output preservation: untriggered, the LoRA model should predict what the base model predicts.
         terms["preservation"] = t.preserve_weight * F.mse_loss(preserved[0].float(), preserved[1].float())

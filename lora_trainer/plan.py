@@ -16,6 +16,7 @@ from typing import Any
 from . import dataset as ds
 from . import models
 from .config import ConfigError, TrainConfig
+from .prior import scan_reg
 
 # Learning rates people use with each optimizer; one far outside (x10 either way) is almost surely a slip.
 # Prodigy adapts its own step size: its learning rate is a multiplier, 1.0 as its authors advise.
@@ -34,6 +35,8 @@ class RunPlan:
     batches: ds.Plan  # steps, epochs, micro-batches per step
     processes: int
     warnings: list[str] = field(default_factory=list)  # settings that will train, probably not as meant
+    reg_items: list[ds.Item] = field(default_factory=list)  # prior preservation's regularization images (prior.py)
+    reg_dir: Path | None = None
 
     @property
     def total_steps(self) -> int:
@@ -53,12 +56,13 @@ class RunPlan:
         return {
             "images": len(self.items), "repeats": self.per_epoch, "buckets": [list(b) for b in self.buckets],
             "batch_size": batch_size, "steps_per_epoch": self.batches.steps_per_epoch, "epochs": self.batches.epochs,
+            "reg_images": len(self.reg_items),
         }
 
 
-def images_dir(cfg: TrainConfig, run_dir: str | Path) -> Path:
-    """data.images, relative paths being inside the run folder."""
-    path = Path(cfg.data.images)
+def images_dir(cfg: TrainConfig, run_dir: str | Path, folder: str | None = None) -> Path:
+    """data.images (or `folder`, e.g. data.reg_images), relative paths being inside the run folder."""
+    path = Path(cfg.data.images if folder is None else folder)
     return path if path.is_absolute() else Path(run_dir) / path
 
 
@@ -81,7 +85,10 @@ def plan_run(cfg: TrainConfig, run_dir: str | Path, processes: int | None = None
     buckets = ds.assign_buckets(items, resolution, step, data.buckets)
     batches = ds.make_plan(items, opt.batch_size, opt.gradient_accumulation, processes, opt.steps, opt.epochs)
     left_out = [f"{len(unreadable)} image(s) cannot be read and are left out: {'; '.join(unreadable[:3])}"] if unreadable else []
-    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg) + left_out)
+    reg_dir = images_dir(cfg, run_dir, data.reg_images) if data.reg_images.strip() else None
+    reg_items = scan_reg(reg_dir, data.reg_caption) if reg_dir else []
+    return RunPlan(base, geometry, folder, items, resolution, step, buckets, batches, processes, advice(cfg) + left_out,
+                   reg_items, reg_dir)
 
 
 def check_trigger(cfg: TrainConfig, items: list[ds.Item]) -> None:
@@ -138,6 +145,10 @@ def idle_settings(cfg: TrainConfig) -> list[tuple[str, str]]:
          "is ignored by the constant schedule; use lr_scheduler = constant_with_warmup"),
         ("optim.preservation_class", bool(opt.preservation_class.strip()) and opt.preservation_weight == 0,
          "only applies with optim.preservation_weight above 0"),
+        ("optim.prior_loss_weight", opt.prior_loss_weight != 1.0 and not d.reg_images.strip(), "only applies with data.reg_images"),
+        ("data.reg_caption", bool(d.reg_caption.strip()) and not d.reg_images.strip(), "only applies with data.reg_images"),
+        ("data.reg_images", bool(d.reg_images.strip()) and opt.prior_loss_weight == 0,
+         "trains nothing with optim.prior_loss_weight = 0 (each step still computes its images)"),
     ]
     return [(name, why) for name, idle, why in rules if idle]
 

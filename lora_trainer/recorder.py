@@ -180,11 +180,13 @@ class Recorder:
             plan.processes, t.device,
         )
 
-    def step(self, done: int, loss: float, lr: float, sec_per_step: float) -> None:
+    def step(self, done: int, loss: float, lr: float, sec_per_step: float, terms: dict[str, float] | None = None) -> None:
+        """`terms`: the extra loss terms inside `loss` (e.g. prior, preservation), each as <name>_loss."""
         total = self.plan.total_steps
         self.emit(
             "step", step=done, total_steps=total, loss=round(loss, 6), lr=lr, sec_per_step=round(sec_per_step, 4),
             eta_seconds=round(sec_per_step * (total - done), 1), memory=memory_in_use() if self.main else {},
+            **{f"{name}_loss": round(value, 6) for name, value in (terms or {}).items()},
         )
 
     # -- the stop request ----------------------------------------------------------------------------

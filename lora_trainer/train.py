@@ -31,6 +31,7 @@ from . import config as config_mod
 from . import dataset as ds
 from . import ema as ema_mod
 from . import models
+from . import prior as prior_mod
 from .checkpoints import latest_checkpoint
 from .errors import ModelLoadError, TrainingFailed
 from .fsutil import disk_full_from
@@ -103,7 +104,10 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         t = load_trainables(cfg, plan.base, accelerator, plan.total_steps)
         t.ema = ema_mod.for_run(opt.ema_decay, t.trained, accelerator)  # None when off
         recorder.check_stop()
-        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop)
+        # Prior preservation: the regularization images that join each micro-batch (None without data.reg_images).
+        reg = prior_mod.RegStream(plan.reg_items, opt.seed, data.flip, opt.batch_size) if plan.reg_items else None
+        fill_caches(t, plan.items, cfg, show_progress=accelerator.is_main_process, check_stop=recorder.check_stop,
+                    reg=reg, reg_needed=_reg_needed(reg, plan, cfg, rank) if reg and t.cache_latents else ())
         if checkpoint:  # adapter, optimizer and schedule; a checkpoint that cannot load falls back to an older one
             start_step, resumed = ckpts.resume(run_dir, checkpoint, t.trained, t.optimizer, t.lr_scheduler, accelerator, t.ema)
             if resumed != checkpoint:
@@ -134,17 +138,21 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
         for step in range(start_step, plan.total_steps):
             started = time.perf_counter()
             step_loss = torch.zeros((), device=t.device)
+            step_terms: dict[str, Any] = {}
             for micro in range(opt.gradient_accumulation):
                 pixels, latents, where = next(batches)  # first: a DataLoader draws its own seed when it starts
+                if reg is not None:  # prior preservation: an equal-size batch of regularization images joins it
+                    g = prior_mod.global_batch(step, micro, opt.gradient_accumulation, rank, plan.processes)
+                    pixels, latents, where = reg.join(pixels, latents, where, g, plan.items, t.reg_cache)
                 seed = _step_seed(opt.seed, step, micro, rank)
                 torch.manual_seed(_dropout_seed(seed))  # LoRA dropout draws from the global RNG
                 with accelerator.accumulate(*t.trained.values()):
                     # Encode the batch: latents (unless cached) and its (dropped out, shuffled) captions.
                     batch = prepare_batch(pixels, latents, where, t, plan.items, data, random.Random(seed))
                     # The diffusion step: noise, timesteps, the forward process, the prediction and its loss.
-                    loss = compute_loss(batch, t, torch.Generator(t.device).manual_seed(seed), opt).value
+                    loss = compute_loss(batch, t, torch.Generator(t.device).manual_seed(seed), opt)
                     # Backpropagate, clip, step (accelerate skips the step until the last accumulated micro-batch).
-                    accelerator.backward(loss)
+                    accelerator.backward(loss.value)
                     if t.pivotal is not None and accelerator.sync_gradients:
                         t.pivotal.sync_gradients(accelerator)
                     if accelerator.sync_gradients and opt.max_grad_norm:
@@ -152,18 +160,22 @@ def _train(run_dir: Path, cfg: config_mod.TrainConfig | None, listeners: Sequenc
                     t.optimizer.step()
                     t.lr_scheduler.step()
                     t.optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.detach().float() / opt.gradient_accumulation
+                step_loss += loss.value.detach().float() / opt.gradient_accumulation
+                for name, term in loss.terms.items():  # each extra term (prior, preservation) for the step event
+                    step_terms[name] = step_terms.get(name, 0) + term.detach().float() / opt.gradient_accumulation
             if t.ema is not None:  # the weights' moving average, once per optimizer step
                 t.ema.update(step + 1)
 
             # One host sync per step (not per micro-batch): the loss for the events and the NaN check.
-            loss_value = (accelerator.reduce(step_loss, "mean") if plan.processes > 1 else step_loss).item()
+            losses = torch.stack([step_loss, *step_terms.values()])
+            losses = (accelerator.reduce(losses, "mean") if plan.processes > 1 else losses).tolist()
+            loss_value, terms = losses[0], dict(zip(step_terms, losses[1:], strict=True))
             if not math.isfinite(loss_value):
                 raise _nan_failure(loss_value, step + 1, run_dir, opt.learning_rate)
             elapsed = time.perf_counter() - started
             sec_per_step = elapsed if sec_per_step is None else 0.9 * sec_per_step + 0.1 * elapsed
             done = step + 1
-            recorder.step(done, loss_value, t.lr_scheduler.get_last_lr()[0], sec_per_step)
+            recorder.step(done, loss_value, t.lr_scheduler.get_last_lr()[0], sec_per_step, terms)
             if recorder.should_stop(done):
                 return recorder.stopped(done)
             recorder.after_step(done)  # samples and checkpoints, on their schedule
@@ -239,6 +251,7 @@ class Trainables:
     ema: Any = None  # the LoRA weights' moving average (ema.py); None when off or not the main process
     pivotal: Pivotal | None = None  # the trigger's learned embeddings (pivotal tuning), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (latent, crop top-left)
+    reg_cache: dict = field(default_factory=dict)  # prior.RegSample -> (latent, crop top-left)
     text_cache: dict = field(default_factory=dict)  # caption -> (embeddings, pooled or None)
 
     @property
@@ -404,11 +417,22 @@ def caching(cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
     return data.cache_latents, cache_text
 
 
+def _reg_needed(reg: prior_mod.RegStream, plan, cfg: config_mod.TrainConfig, rank: int) -> set:
+    """The regularization samples (image, flip, bucket) this process trains over the whole run."""
+    opt = cfg.optim
+    batches = ds.micro_batches(plan.items, opt.batch_size, opt.seed, cfg.data.flip, plan.batches, start_step=0,
+                               rank=rank, processes=plan.processes)
+    return reg.needed(batches, plan.items, plan.total_steps * opt.gradient_accumulation, rank, plan.processes)
+
+
 def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig, *, show_progress: bool,
-                check_stop: Callable[[], None] | None = None) -> None:
+                check_stop: Callable[[], None] | None = None, reg: prior_mod.RegStream | None = None,
+                reg_needed=()) -> None:
     """Encode every image (and its flip) and every caption once, then free the encoders' device memory.
 
-    `check_stop` runs between two images (it raises StopRequested when a stop was requested)."""
+    With prior preservation, also every regularization sample in `reg_needed` (each at the bucket it
+    joins) and the regularization captions. `check_stop` runs between two images (it raises
+    StopRequested when a stop was requested)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -420,8 +444,13 @@ def fill_caches(t: Trainables, items: list[ds.Item], cfg: config_mod.TrainConfig
                     check_stop()
                 pixels, crop = ds.load_pixels_or_fail(items[index], flip)
                 t.latent_cache[(index, flip)] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
+            for sample in tqdm(sorted(reg_needed), desc="caching regularization latents", disable=not show_progress):
+                if check_stop is not None:
+                    check_stop()
+                pixels, crop = prior_mod.load_reg(reg.items, sample)
+                t.reg_cache[sample] = (t.encode_pixels(pixels[None])[0].to(t.weight_dtype), crop)
         if t.cache_text:
-            captions = {item.caption for item in items}
+            captions = {item.caption for item in items} | {item.caption for item in (reg.items if reg else [])}
             if t.preserve_weight:
                 captions |= {without_trigger(c, cfg.data.trigger, t.preserve_class) for c in captions}
             for caption in sorted(captions):
@@ -459,6 +488,7 @@ class Batch:
     added_cond: dict[str, Any] | None = None  # SDXL: pooled caption embeddings and the size/crop time ids
     # Output preservation: the captions without the trigger, as the LoRA model and as the base model read them.
     preserve: tuple[Any, Any, dict[str, Any] | None, dict[str, Any] | None] | None = None
+    reg_count: int = 0  # prior preservation: the last reg_count samples are regularization images
 
 
 def prepare_batch(pixels, latents, where: dict[str, list], t: Trainables, items: list[ds.Item], data, rng: random.Random) -> Batch:
@@ -473,13 +503,15 @@ def prepare_batch(pixels, latents, where: dict[str, list], t: Trainables, items:
         ds.process_caption(items[i].caption, rng, shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens, dropout=data.caption_dropout)
         for i, _ in where["samples"]
     ]
+    captions += where.get("reg_captions", [])  # regularization images keep their class captions as written
     embeds, pooled = _embed(captions, t)
     time_ids = None
     if t.kind == "sdxl":  # SDXL's micro-conditioning: original size, crop top-left, target size
         h, w = latents.shape[-2] * t.vae_scale, latents.shape[-1] * t.vae_scale
+        sizes = [items[i].size for i, _ in where["samples"]] + where.get("reg_sizes", [])
+        crops = where["top_left"] + where.get("reg_top_left", [])
         time_ids = torch.tensor(
-            [[items[i].size[1], items[i].size[0], *crop, h, w] for (i, _), crop in zip(where["samples"], where["top_left"], strict=True)],
-            device=t.device, dtype=embeds.dtype,
+            [[size[1], size[0], *crop, h, w] for size, crop in zip(sizes, crops, strict=True)], device=t.device, dtype=embeds.dtype,
         )
     added = {"text_embeds": pooled, "time_ids": time_ids} if time_ids is not None else None
     preserve = None
@@ -490,7 +522,7 @@ def prepare_batch(pixels, latents, where: dict[str, list], t: Trainables, items:
             base_embeds, base_pooled = _embed(plain, t, grad=False)
         conds = [{"text_embeds": p, "time_ids": time_ids} if time_ids is not None else None for p in (lora_pooled, base_pooled)]
         preserve = (lora_embeds.to(t.weight_dtype), base_embeds.to(t.weight_dtype), *conds)
-    return Batch(latents, embeds.to(t.weight_dtype), added, preserve)
+    return Batch(latents, embeds.to(t.weight_dtype), added, preserve, len(where.get("reg_captions", [])))
 
 
 def _embed(captions: list[str], t: Trainables, grad: bool = True):
