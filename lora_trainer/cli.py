@@ -38,6 +38,9 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", nargs="?", help="run folder (holding config.toml); created if needed")
     p.add_argument("--config", help="config.toml to start from (copied into the run folder with the overrides)")
     p.add_argument("--images", help="images to train on: a folder (captions, kohya N_name folders, metadata.jsonl), a zip or a dataset.toml; copied into RUN/dataset")
+    p.add_argument("--reg-images", metavar="PATH", help="regularization (class) images for prior preservation: a folder "
+                   "or zip with optional .txt captions; copied into RUN/reg and set as data.reg_images (see also "
+                   "data.reg_caption, optim.prior_loss_weight)")
     p.add_argument("--out", help="run folder to write to (default: the folder of --config, or RUN)")
     for flag, (dotted, kind) in COMMON_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=f"sets {dotted}: {config_mod.field_info(dotted)['help']}")
@@ -65,25 +68,21 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
     run_dir = _run_dir(args)
     source = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
     cfg = config_mod.load(source) if source.exists() else config_mod.TrainConfig()
+    from .prior import REG_FOLDER
+
     if args.images and not _is_main_process():
         cfg.set("data.images", "dataset")  # the main process takes the images in; train() waits for it
     elif args.images:
-        from .errors import DatasetError
-        from .intake import ingest
-
-        try:
-            from .models import native_resolution
-
-            resolution = args.resolution or cfg.data.resolution or native_resolution(args.base or cfg.model.base)
-            report = ingest([args.images], run_dir / "dataset", resolution=resolution, trust_toml_paths=True)
-        except DatasetError as e:
-            if e.report is not None:
-                print(e.report.format())
-            raise
-        print(report.format())
+        report = _take_in(args, cfg, [args.images], run_dir / "dataset", reg_dest=run_dir / REG_FOLDER)
         for dotted, value in report.config_overrides.items():
             cfg.set(dotted, value)
         cfg.set("data.images", "dataset")
+        if report.reg is not None and report.reg.dest_counts:  # a dataset.toml's is_reg subsets
+            cfg.set("data.reg_images", REG_FOLDER)
+    if args.reg_images:
+        if _is_main_process():
+            _take_in(args, cfg, [args.reg_images], run_dir / REG_FOLDER, kind="reg")
+        cfg.set("data.reg_images", REG_FOLDER)
     if args.preset:  # exactly what the app's preset sets, for the base the flags name
         for dotted, value in preset_settings(args.preset, args.base or cfg.model.base).items():
             cfg.set(dotted, value)
@@ -97,6 +96,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[Path, config_mod.TrainConf
             raise config_mod.ConfigError(f"--set {assignment!r}: expected SECTION.FIELD=VALUE")
         cfg.set(key.strip(), value)
     return run_dir, config_mod.validate(cfg)
+
+
+def _take_in(args: argparse.Namespace, cfg: config_mod.TrainConfig, sources: list[str], dest: Path, **options):
+    """intake.ingest into `dest` at the run's resolution, its report printed (also when nothing is usable)."""
+    from .errors import DatasetError
+    from .intake import ingest
+    from .models import native_resolution
+
+    try:
+        resolution = args.resolution or cfg.data.resolution or native_resolution(args.base or cfg.model.base)
+        report = ingest(sources, dest, resolution=resolution, trust_toml_paths=True, **options)
+    except DatasetError as e:
+        if e.report is not None:
+            print(e.report.format())
+        raise
+    print(report.format())
+    return report
 
 
 def _setup_logging(run_dir: Path | None, main: bool) -> None:

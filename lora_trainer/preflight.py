@@ -56,6 +56,8 @@ def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
     else:
         return None
     per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
+    if run.reg_items:  # prior preservation: each batch gains as many regularization images
+        per_step *= 2
     if cfg.optim.gradient_checkpointing:
         per_step *= CHECKPOINTING_SLOWDOWN
     renders = (total_steps // cfg.sampling.every + 1) if cfg.sampling.every else 0
@@ -152,6 +154,9 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)  # settings that train, probably not as meant
     memory: MemoryCheck | None = None
     time_basis: str = ""
+    reg_images: int = 0  # prior preservation's regularization images (0: off)
+    reg_dir: Path | None = None
+    prior_loss_weight: float = 1.0
 
     @property
     def refused(self) -> bool:
@@ -164,7 +169,8 @@ class Preflight:
             "per_epoch": self.per_epoch, "captioned": self.captioned, "buckets": [list(b) for b in self.buckets],
             "total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch, "epochs": self.plan.epochs,
             "processes": self.processes, "estimate_seconds": self.estimate_seconds, "small_images": self.small,
-            "resolution": self.resolution, "warnings": self.warnings,
+            "resolution": self.resolution, "warnings": self.warnings, "reg_images": self.reg_images,
+            "reg_dir": str(self.reg_dir) if self.reg_dir else None,
             "memory": None if self.memory is None or self.memory.estimate is None else {
                 "peak_bytes": self.memory.estimate.total, "peak_phase": self.memory.estimate.peak_phase,
                 "ram_bytes": self.memory.estimate.ram_total, "device": self.memory.estimate.device,
@@ -180,6 +186,11 @@ class Preflight:
             f"images: {self.images} from {images_label or self.images_dir} ({self.per_epoch} per epoch with repeats)",
             f"captions: {self.captioned} written, the rest use the trigger '{self.trigger}'",
             "buckets: " + ", ".join(f"{w}x{h} ({n})" for w, h, n in self.buckets),
+        ]
+        if self.reg_dir is not None:
+            lines.append(f"regularization images: {self.reg_images} from {self.reg_dir} (prior preservation at weight "
+                         f"{self.prior_loss_weight:g}: each batch gains as many of them, cropped to its bucket)")
+        lines += [
             f"plan: {p.total_steps} steps, {p.steps_per_epoch} steps per epoch, {p.epochs} epochs, batch "
             f"{self.batch_size} x {self.accumulation} accumulation x {self.processes} process(es)",
         ]
@@ -220,4 +231,5 @@ def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", proce
         estimate_seconds=estimate_seconds(trained, run, has_gpu or card is not None),
         small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
         warnings=run.warnings, memory=mem, time_basis=time_basis(run),
+        reg_images=len(run.reg_items), reg_dir=run.reg_dir, prior_loss_weight=cfg.optim.prior_loss_weight,
     )

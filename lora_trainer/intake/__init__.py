@@ -4,7 +4,9 @@ Sources: loose image files, zips (nested folders allowed), folders (recursively)
 `.txt` / `.caption` captions, Hugging Face ImageFolder folders (`metadata.jsonl` / `metadata.csv`
 with `file_name` and `text`), kohya folders (`N_name` sub-folders repeat N times) and kohya
 `dataset.toml` files (whose settings come back as `report.config_overrides`; a dataset.toml inside
-a zip or folder contributes its settings only, its folder names give the repeats).
+a zip or folder contributes its settings only, its folder names give the repeats). A dataset.toml's
+`is_reg` subsets (regularization images, for prior preservation) go into `reg_dest` the same way,
+reported in `report.reg`.
 
 The dataset folder (`dest`), the contract with the trainer's dataset reader:
   - `<stem>.png`, or `<stem>.jpg` (quality 95, no chroma subsampling) when the source was a
@@ -72,6 +74,8 @@ def ingest(
     limits: IntakeLimits | None = None,
     progress: Callable[[int, int], None] | None = None,
     trust_toml_paths: bool = False,
+    reg_dest: str | Path | None = None,
+    kind: str = "dataset",
 ) -> IntakeReport:
     """Copy the usable images (normalised) and captions of `sources` into the dataset folder `dest`.
 
@@ -83,7 +87,9 @@ def ingest(
 
     A dataset.toml may only name image folders inside its own folder unless `trust_toml_paths`
     (for the command line on the user's own machine; never for uploads, which must not read the
-    server's other files).
+    server's other files). Its `is_reg` subsets are taken into `reg_dest` (with their own report,
+    `report.reg`), or left out with a warning where there is none. `kind` = "reg" reports the images
+    as regularization images.
     """
     if isinstance(sources, str | Path):  # one path, not a sequence of characters
         sources = [sources]
@@ -91,32 +97,41 @@ def ingest(
     floor = min_side if min_side is not None else max(1, min(limits.min_side, resolution // 2))
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    report = IntakeReport(dest=dest)
+    report = IntakeReport(dest=dest, kind=kind)
+    if reg_dest is not None:
+        report.reg = IntakeReport(dest=Path(reg_dest), kind="reg")
     with ExitStack() as open_zips:
-        jobs = _discover([Path(s) for s in sources], dest, limits, report, open_zips, trust_toml_paths)
+        jobs, reg_jobs = _discover([Path(s) for s in sources], dest, limits, report, open_zips, trust_toml_paths)
         target = _Destination(dest)
+        work = [(job, report, target) for job in jobs]
+        if reg_jobs:
+            report.reg.dest.mkdir(parents=True, exist_ok=True)
+            reg_target = _Destination(report.reg.dest)
+            work += [(job, report.reg, reg_target) for job in reg_jobs]
+        total = len(work)
         if progress:
-            progress(0, len(jobs))
-        for done, job in enumerate(jobs, 1):
+            progress(0, total)
+        for done, (job, into, target) in enumerate(work, 1):
             try:
-                _ingest_one(job, target, report, resolution=resolution, floor=floor, limits=limits)
+                _ingest_one(job, target, into, resolution=resolution, floor=floor, limits=limits)
             except DiskFullError as e:
-                raise _disk_filled(e, len(report.images), len(jobs)) from None
+                raise _disk_filled(e, len(report.images) + len(report.reg.images if report.reg else []), total) from None
             if progress:
-                progress(done, len(jobs))
+                progress(done, total)
 
-    for image in iter_images(dest):
-        rel = image.relative_to(dest).parts
-        folder = rel[0] if len(rel) > 1 else ""
-        report.dest_counts[folder] = report.dest_counts.get(folder, 0) + 1
+    _count_dest(report)
+    if report.reg is not None and report.reg.dest.is_dir():
+        _count_dest(report.reg)
     if not report.dest_counts:
         raise _nothing_usable(report, floor)
     return report
 
 
 def _discover(sources: list[Path], dest: Path, limits: IntakeLimits, report: IntakeReport, stack: ExitStack,
-              trust_toml_paths: bool) -> list[ImageJob]:
+              trust_toml_paths: bool) -> tuple[list[ImageJob], list[ImageJob]]:
+    """(the training images' jobs, the regularization images' jobs)."""
     jobs: list[ImageJob] = []
+    reg_jobs: list[ImageJob] = []
     loose: list[Path] = []
     dest_resolved = dest.resolve()
     for src in sources:
@@ -130,9 +145,19 @@ def _discover(sources: list[Path], dest: Path, limits: IntakeLimits, report: Int
             subsets, overrides = read_dataset_toml(src, label, report, trust_toml_paths)
             report.config_overrides.update(overrides)
             for sub in subsets:
-                files = walk_folder(sub.image_dir, sub.label, report, exclude=dest_resolved)
+                into = report
+                if sub.is_reg and report.reg is None:
+                    report.warn(sub.label, "regularization images (is_reg) are taken in by the command line only "
+                                "(into RUN/reg, for prior preservation); subset ignored")
+                    continue
+                if sub.is_reg:
+                    into = report.reg
+                    if sub.class_tokens and "data.reg_caption" not in report.config_overrides:
+                        report.config_overrides["data.reg_caption"] = sub.class_tokens
+                files = walk_folder(sub.image_dir, sub.label, into, exclude=dest_resolved)
                 root_name = None if sub.group else sub.image_dir.resolve().name
-                jobs += plan(files, report, root_name=root_name, forced_group=sub.group, caption_ext=sub.caption_extension)
+                found = plan(files, into, root_name=root_name, forced_group=sub.group, caption_ext=sub.caption_extension)
+                (reg_jobs if sub.is_reg else jobs).extend(found)
         elif src.suffix.lower() == ".zip":
             zf = open_zip(src, label, limits, report)
             if zf is not None:
@@ -144,7 +169,14 @@ def _discover(sources: list[Path], dest: Path, limits: IntakeLimits, report: Int
             loose.append(src)
     if loose:
         jobs += plan(loose_files(loose), report)
-    return jobs
+    return jobs, reg_jobs
+
+
+def _count_dest(report: IntakeReport) -> None:
+    for image in iter_images(report.dest):
+        rel = image.relative_to(report.dest).parts
+        folder = rel[0] if len(rel) > 1 else ""
+        report.dest_counts[folder] = report.dest_counts.get(folder, 0) + 1
 
 
 def _take_tomls(files: list[SourceFile], report: IntakeReport) -> list[SourceFile]:

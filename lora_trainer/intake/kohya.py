@@ -3,7 +3,9 @@
 kohya's layout: `[general]` options apply to everything, `[[datasets]]` options to one dataset,
 `[[datasets.subsets]]` options (image_dir, num_repeats, caption_extension, ...) to one folder; the
 more specific table wins. LoRA Studio has one setting for the whole dataset, so where subsets
-disagree the first one is used and a warning says so.
+disagree the first one is used and a warning says so. Subsets with `is_reg = true` are regularization
+images (prior preservation): ingest takes them into their own folder (RUN/reg), and the first one's
+`class_tokens` becomes data.reg_caption; their settings are not the training images'.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class KohyaSubset:
     group: str | None  # output folder "N_name" when num_repeats is given
     caption_extension: str | None
     label: str  # image_dir as written in the toml: how the report names its files
+    is_reg: bool = False  # regularization images (prior preservation), not training images
+    class_tokens: str | None = None  # kohya's caption of an image without a caption file
 
 
 def read_dataset_toml(
@@ -56,7 +60,8 @@ def read_dataset_toml(
         found = _subset(path, options, where, report, trust_paths)
         if found is not None:
             subsets.append(found)
-            _collect(settings, options, where)
+            if not found.is_reg:  # the regularization subsets' options are not the training images'
+                _collect(settings, options, where)
     return subsets, _overrides(settings, label, report)
 
 
@@ -103,9 +108,6 @@ def _collect(settings: dict[str, list[tuple[Any, str]]], options: dict[str, Any]
 
 def _subset(toml_path: Path, options: dict[str, Any], where: str, report: IntakeReport,
             trust_paths: bool) -> KohyaSubset | None:
-    if options.get("is_reg"):
-        report.warn(where, "regularisation images are not used by LoRA Studio; subset ignored")
-        return None
     image_dir = options.get("image_dir")
     if not isinstance(image_dir, str) or not image_dir:
         what = "metadata_file (fine-tuning) subsets are not supported" if "metadata_file" in options else "no image_dir"
@@ -132,7 +134,9 @@ def _subset(toml_path: Path, options: dict[str, Any], where: str, report: Intake
         group = repeats_folder(repeats, m[2] if m else folder.name)
     ext = options.get("caption_extension")
     ext = ("." + ext.lstrip(".")) if isinstance(ext, str) and ext.strip(".") else None
-    return KohyaSubset(folder, group, ext, image_dir)
+    tokens = options.get("class_tokens")
+    tokens = tokens.strip() if isinstance(tokens, str) and tokens.strip() else None
+    return KohyaSubset(folder, group, ext, image_dir, is_reg=bool(options.get("is_reg")), class_tokens=tokens)
 
 
 def _overrides(settings: dict[str, list[tuple[Any, str]]], label: str, report: IntakeReport) -> dict[str, Any]:

@@ -77,6 +77,8 @@ class IntakeReport:
     config_overrides: dict[str, Any] = field(default_factory=dict)  # from a kohya dataset.toml
     dest: Path | None = None
     dest_counts: dict[str, int] = field(default_factory=dict)  # images in dest per folder ("" = top level)
+    kind: str = "dataset"  # or "reg": regularization images (prior preservation)
+    reg: IntakeReport | None = None  # a dataset.toml's is_reg subsets, taken into their own folder
 
     def skip(self, source: str, reason: str, kind: str) -> None:
         self.skipped.append(Skipped(source, reason, kind))
@@ -92,11 +94,13 @@ class IntakeReport:
 
     def format(self, max_listed: int = 10) -> str:
         """A plain-text report: what will train, and why each other file was left out, by reason."""
-        lines = [f"{_plural(len(self.images), 'image')} added ({self.captions_found} with captions)."]
+        what = "regularization image" if self.kind == "reg" else "image"
+        lines = [f"{_plural(len(self.images), what)} added ({self.captions_found} with captions)."]
         if self.dest_counts:
             total = sum(self.dest_counts.values())
             parts = [f"{n} x{_repeats(folder)} in {folder or 'the top folder'}" for folder, n in sorted(self.dest_counts.items())]
-            lines.append(f"The dataset now holds {_plural(total, 'image')} that will train: {'; '.join(parts)}.")
+            holder = f"The regularization set ({self.dest})" if self.kind == "reg" else "The dataset"
+            lines.append(f"{holder} now holds {_plural(total, what)} that will train: {'; '.join(parts)}.")
         if self.skipped:
             lines.append(f"Left out {_plural(len(self.skipped), 'file')}:")
             for kind, items in self.skipped_by_kind().items():
@@ -112,6 +116,9 @@ class IntakeReport:
         if self.config_overrides:
             lines.append("Settings taken from dataset.toml: "
                          + ", ".join(f"{k} = {v!r}" for k, v in self.config_overrides.items()))
+        if self.reg is not None and (self.reg.images or self.reg.skipped or self.reg.warnings):
+            lines.append("Regularization images (is_reg subsets, for prior preservation):")
+            lines += ["  " + line for line in self.reg.format(max_listed).splitlines()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +130,8 @@ class IntakeReport:
             "config_overrides": dict(self.config_overrides),
             "dest": str(self.dest) if self.dest else None,
             "dest_counts": dict(self.dest_counts),
+            "kind": self.kind,
+            "reg": self.reg.to_dict() if self.reg is not None else None,
         }
 
 

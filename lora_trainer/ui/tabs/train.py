@@ -211,6 +211,9 @@ def build_config(run: Path, settings: dict[str, Any]) -> tuple[config_mod.TrainC
     images = Path(str(settings.get("data.images") or DATASET))
     if images.is_absolute() or not (run / images).resolve().is_relative_to(run.resolve()):
         raise ConfigError("data.images must be a folder inside the run (normally 'dataset'); uploaded images live there.")
+    reg = str(settings.get("data.reg_images") or "").strip()
+    if reg and (Path(reg).is_absolute() or not (run / reg).resolve().is_relative_to(run.resolve())):
+        raise ConfigError("data.reg_images must be a folder inside the run (e.g. 'reg'), or empty.")
     cfg = fields.to_config(settings)
     cfg.model.base = base
     return cfg, notes
