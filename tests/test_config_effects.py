@@ -83,6 +83,9 @@ ROWS: dict[str, tuple] = {
     "lora.trigger_vectors": (1, {}, "weights"),
     "lora.embedding_lr": (0.5, {"lora.trigger_vectors": 1}, "weights"),
     "lora.embedding_init": ("stripes", {"lora.trigger_vectors": 1}, "weights"),
+    "data.reg_images": ("reg-images", {"data.reg_caption": "a shape"}, "weights"),
+    "data.reg_caption": ("a circle", {"data.reg_images": "reg-images", "data.reg_caption": "a shape"}, "weights"),
+    "optim.prior_loss_weight": (0.25, {"data.reg_images": "reg-images", "data.reg_caption": "a shape"}, "weights"),
 }
 # The [eval] section's fields change how checkpoints are scored, not the run: tests/test_evaluate.py covers them.
 EVAL_FIELDS = {f for f in config_mod.field_names() if f.startswith("eval.")}
@@ -102,6 +105,7 @@ def world(tmp_path_factory):
         (images / f"img{i:03d}.txt").write_text(f"ohwx, stripes, number {i}, bright, lines")
     (images / "img003.txt").unlink()
     make_images(tmp / "other-images", 2)
+    make_images(tmp / "reg-images", 2, captions=False)  # uncaptioned: they take data.reg_caption
     return {"tmp": tmp, "images": images, "baselines": {}}
 
 
@@ -109,6 +113,8 @@ def _config(world, settings: dict):
     values = {"optim.steps": 3, "optim.learning_rate": 1e-3, "sampling.every": 0, **settings}
     if values.get("data.images") == "other-images":
         values["data.images"] = str(world["tmp"] / "other-images")
+    if values.get("data.reg_images") == "reg-images":
+        values["data.reg_images"] = str(world["tmp"] / "reg-images")
     return tiny_config(world["images"], **{k.replace(".", "__"): v for k, v in values.items()})
 
 
