@@ -111,9 +111,8 @@ def compute_loss(
     batch: Batch, t: Trainables, rng, opt: config_mod.OptimSection, extra_terms: Mapping[str, LossTerm] | None = None
 ) -> Loss:
     """The denoising loss of one micro-batch; `rng` (a torch.Generator) draws the noise and the timesteps."""
-    import torch.nn.functional as F
-
     import torch
+    import torch.nn.functional as F
 
     latents = batch.latents
     n = latents.shape[0] - batch.reg_count  # training images; the regularization images follow them
