@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 
 from ..config import TEXT_ENCODER_TARGETS, TrainConfig
 from .arch import Architecture, architecture, has_fp16_variant, lora_tensors
-from .simulate import inference_peak, pivotal_text_encoder_bytes, text_encoder_training_bytes, unet_training_peak
+from .simulate import (
+    inference_peak,
+    pivotal_text_encoder_bytes,
+    text_encoder_training_bytes,
+    unet_training_peak,
+)
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
