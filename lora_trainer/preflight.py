@@ -86,8 +86,7 @@ def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool, rates: timing.Ra
     rates = rates or table_rates(cfg, run, gpu)
     if rates is None:
         return None
-    parts = timing.seconds_left(cfg, 0, run.total_steps, rates, runs_after_training(cfg.eval, cfg.model.base, gpu))
-    return rates.load + sum(parts.values())
+    return timing.run_seconds(cfg, run.total_steps, rates, runs_after_training(cfg.eval, cfg.model.base, gpu))
 
 
 def time_basis(run: RunPlan) -> str:

@@ -4,7 +4,7 @@ One rule for the pre-flight estimate (preflight.py, before anything trains) and 
 (recorder.py, from the steps and renders measured so far), so the two agree:
 
 - training: seconds per optimizer step x the steps left;
-- sample renders: the renders still to come (every `sampling.every` steps and one at the end)
+- sample renders: the renders still to come (the base's at step 0, every `sampling.every` steps, one at the end)
   x the prompts x (denoising steps x seconds per denoising step + one VAE decode);
 - evaluation (eval.after_training): the base and every checkpoint kept, each rendering its prompts
   x seeds with the trigger and (when there is one) without, at eval.steps, priced the same way.
@@ -69,6 +69,13 @@ def seconds_left(cfg: TrainConfig, done: int, total: int, rates: Rates, evaluate
         "samples": sample_renders_left(cfg.sampling.every, done, total) * render_set_seconds(cfg, rates),
         "evaluation": evaluation_seconds(cfg, total, rates) if evaluates else 0.0,
     }
+
+
+def run_seconds(cfg: TrainConfig, total: int, rates: Rates, evaluates: bool) -> float:
+    """A whole run from the start: loading, then the base model's set of samples at step 0 (to compare
+    progress against), then everything `seconds_left` counts."""
+    base_set = render_set_seconds(cfg, rates) if cfg.sampling.every else 0.0
+    return rates.load + base_set + sum(seconds_left(cfg, 0, total, rates, evaluates).values())
 
 
 def rates_from_render(cfg: TrainConfig, step_seconds: float, render_seconds: float) -> Rates:
