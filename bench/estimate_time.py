@@ -2,9 +2,10 @@
 
 Runs: the README's first command (a toy-world Style LoRA: builtin:toy, --preset Style,
 examples/toy-style) and the tiny model's quickstart (builtin:tiny-sd, examples/tiny-set, 64 px,
-30 steps) with samples every 10 steps. Each is planned by `lora_trainer.preflight` (what `check` and
-the Check button print, with what the estimate is based on) and then trained in a subprocess, timed
-from start to exit. On a machine shared with other work the measured time is an upper bound.
+30 steps) with samples every 10 steps. Each is checked first (`check`, which times a few real steps
+and renders here: its estimate is the one printed, "calibrated"), then trained in a subprocess, timed
+from start to exit; "table" is the same estimate from the fixed table (`check --no-calibrate`). On a
+machine shared with other work both the calibration and the run see its load.
 
     python bench/estimate_time.py
 """
@@ -12,6 +13,7 @@ from start to exit. On a machine shared with other work the measured time is an 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,25 +36,32 @@ def main() -> int:
     from lora_trainer import config as config_mod
     from lora_trainer.preflight import format_duration, preflight
 
-    print(f"{'run':<36} {'estimate':>9} {'measured':>9} {'ratio':>6}")
+    print(f"{'run':<36} {'calibrated':>10} {'table':>7} {'measured':>9} {'ratio':>6}")
     for name, flags in RUNS.items():
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
             command = [sys.executable, "-m", "lora_trainer", "train", str(run), *flags]
             check = subprocess.run([*command[:3], "check", *command[4:]], capture_output=True, text=True, cwd=ROOT)
+            said = re.search(r"estimated time: about (\S+) \(from (.*?);", check.stdout)
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             measured = time.perf_counter() - started
-            if done.returncode:
-                print(f"{name:<36} failed: {done.stderr.strip().splitlines()[-1:]}")
+            if done.returncode or not said:
+                print(f"{name:<36} failed: {(done.stderr or check.stderr).strip().splitlines()[-1:]}")
                 continue
-            cfg = config_mod.load(run)
-            report = preflight(run, cfg, gpu=False)
-            estimate = report.estimate_seconds
-            ratio = f"{estimate / measured:.2f}" if estimate else "—"
-            print(f"{name:<36} {format_duration(estimate):>9} {format_duration(measured):>9} {ratio:>6}"
-                  + ("" if check.returncode == 0 else "  (check failed)") + f"  based on {report.time_basis}")
+            table = preflight(run, config_mod.load(run), gpu=False).estimate_seconds
+            estimate = _seconds(said.group(1))
+            print(f"{name:<36} {said.group(1):>10} {format_duration(table):>7} {format_duration(measured):>9} "
+                  f"{estimate / measured:>6.2f}  calibrated from {said.group(2)}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """h:mm:ss or m:ss as seconds."""
+    total = 0
+    for part in text.split(":"):
+        total = 60 * total + int(part)
+    return float(total)
 
 
 if __name__ == "__main__":

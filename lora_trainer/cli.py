@@ -202,7 +202,7 @@ def _check(args: argparse.Namespace, saved: bool) -> int:
     config_file = Path(args.config) if args.config else run_dir / config_mod.CONFIG_FILENAME
     source = str(config_file) if config_file.exists() and (saved or args.config) else ""
     gpu_memory = int(args.gpu_memory * 2**30) if args.gpu_memory else None
-    report = preflight(run_dir, cfg, config_source=source, gpu_memory=gpu_memory)
+    report = preflight(run_dir, cfg, config_source=source, gpu_memory=gpu_memory, calibrate=not args.no_calibrate)
     print(report.format(images_label=args.images if args.images and not saved else None))
     return 1 if report.refused else 0  # the trainer would refuse it before loading
 
@@ -235,10 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("check", help="validate the config and dataset and print the plan, without loading a model")
+    p = sub.add_parser("check", help="validate the config and dataset and print the plan and estimates (times a few steps where the base is on disk)")
     _add_config_arguments(p)
     p.add_argument("--gpu-memory", type=float, metavar="GB",
                    help="plan the run's memory for a GPU with this many GiB (default: the GPU found, if any)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="estimate the time from the fixed table instead of timing a few real steps here "
+                        "(which loads the base when it is on disk: built-in, or a local model with a GPU)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="generate an image with a base model and LoRAs")

@@ -5,8 +5,10 @@ Types and their fields (every event also has `type` and `time`, seconds since th
               plan {images, repeats, buckets, epochs, steps_per_epoch, batch_size, cache_latents,
               cache_text_embeddings, num_workers, gradient_checkpointing}, device, processes,
               warnings [settings that train, probably not as meant]
-  step        step, total_steps, loss, lr, sec_per_step, eta_seconds, memory {rss_gb, gpu_gb?}, and each extra
-              loss term inside `loss` as <name>_loss (prior_loss: prior preservation; preservation_loss)
+  step        step, total_steps, loss, lr, sec_per_step, eta_seconds, memory {rss_gb, gpu_gb?},
+              eta_parts {training, samples?, evaluation?, validation?}: eta_seconds' parts (timing.py;
+              the renders' once a set of samples has been timed), and each extra loss term inside `loss`
+              as <name>_loss (prior_loss: prior preservation; preservation_loss)
   sample      step, images [paths relative to the run folder], prompts, seed
   checkpoint  step, path (relative to the run folder)
   stopped     step, checkpoint (path, or null)       -- a stop request honoured: state saved; with

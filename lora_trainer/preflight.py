@@ -1,13 +1,17 @@
-"""The pre-flight check: dataset, buckets, plan, memory and a rough duration, before any model loads.
+"""The pre-flight check: dataset, buckets, plan, memory and the duration, before any training.
 
 `python -m lora_trainer check` prints it; the web app's Check button shows it. The memory part is
 lora_trainer.memory's estimate of the run (each term) and, for a GPU (the one found, or `--gpu-memory
 GB`), the memory plan's verdict: the settings optim.memory = auto will train with, or the refusal
-the trainer would raise. Nothing here loads a weight or touches the network.
+the trainer would raise. The duration (timing.py) counts loading, steps, sample renders and the
+evaluation after training; with `calibrate` its rates are measured on this machine from a few real
+steps and renders where the base is on disk (the one thing here that loads weights), else they come
+from the fixed table below. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -16,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset as ds
-from . import memory
+from . import memory, timing
 from .config import TrainConfig
 from .memory.plan import HEADROOM, checkpoint_optimizer
 from .plan import RunPlan, plan_run
+
+log = logging.getLogger(__name__)
 
 # Rough seconds per optimizer step at batch size 1, measured on the tiny model on 2 CPU cores and
 # taken from common reports for real models on a 24 GB GPU (A10G-class) at their native resolution.
@@ -28,7 +34,7 @@ GPU_STEP_SECONDS = {"sd": (0.35, 512), "sdxl": (1.1, 1024)}
 GPU_SAMPLE_STEP_SECONDS = {"sd": 0.05, "sdxl": 0.15}
 CHECKPOINTING_SLOWDOWN = 1.3  # activations recomputed in the backward pass (config.py's "~30% slower")
 TIME_BASIS = {
-    "builtin": "the tiny model's seconds per step on 2 CPU cores (the toy base is not measured yet)",
+    "builtin": "a fixed table: the tiny model's seconds per step on 2 CPU cores (check measures this machine instead)",
     "gpu": "rough seconds per step of SD 1.5 / SDXL at native size on a 24 GB (A10G-class) GPU, scaled by area and batch",
 }
 
@@ -41,18 +47,14 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
 
 
-def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
-    """A rough duration of the run (training, sample renders, evaluation after training), or None where it would
-    take days (a real model without a GPU). TIME_BASIS says what the figures are."""
-    from .evaluate import runs_after_training
-
-    total_steps = run.total_steps
+def table_rates(cfg: TrainConfig, run: RunPlan, gpu: bool) -> timing.Rates | None:
+    """The fixed table's rates for this run, or None where it would take days (a real model without a GPU)."""
     if run.base.is_builtin:
-        per_step, per_sample_step, overhead = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10.0
+        per_step, per_sample_step, load = TINY_STEP_SECONDS, TINY_SAMPLE_STEP_SECONDS, 10.0
     elif gpu:
         seconds, native = GPU_STEP_SECONDS[run.base.kind]
         per_step = seconds * (run.resolution / native) ** 2
-        per_sample_step, overhead = GPU_SAMPLE_STEP_SECONDS[run.base.kind], 60.0
+        per_sample_step, load = GPU_SAMPLE_STEP_SECONDS[run.base.kind], 60.0
     else:
         return None
     per_step *= cfg.optim.batch_size * cfg.optim.gradient_accumulation
@@ -60,14 +62,33 @@ def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool) -> float | None:
         per_step *= 2
     if cfg.optim.gradient_checkpointing:
         per_step *= CHECKPOINTING_SLOWDOWN
-    renders = (total_steps // cfg.sampling.every + 1) if cfg.sampling.every else 0
-    sampling = renders * len(cfg.sample_prompts()) * cfg.sampling.steps * per_sample_step
-    evaluation = 0.0
-    if runs_after_training(cfg.eval, cfg.model.base, gpu):  # the base and every checkpoint, with and without the trigger
-        saves = (total_steps // cfg.output.save_every if cfg.output.save_every else 0) + 1
-        images = (saves + 1) * cfg.eval.prompt_count * cfg.eval.seeds * 2
-        evaluation = images * cfg.eval.steps * per_sample_step
-    return overhead + total_steps * per_step + sampling + evaluation
+    return timing.Rates(per_step, per_sample_step, 0.0, TIME_BASIS["builtin" if run.base.is_builtin else "gpu"], load)
+
+
+def measured_rates(cfg: TrainConfig, run: RunPlan, gpu: bool) -> timing.Rates | None:
+    """Rates measured on this machine (timing.calibrate) where that is cheap and safe: a built-in base (a few
+    MB, on the CPU), or a base already on disk with a GPU here; None otherwise (nothing to download)."""
+    from .memory.arch import _cached_hub_folder
+
+    on_disk = run.base.is_builtin or Path(run.base.source).exists() or _cached_hub_folder(run.base.source) is not None
+    if not on_disk or not (run.base.is_builtin or gpu):
+        return None
+    try:
+        return timing.calibrate(cfg, run.base, run.resolution)
+    except Exception as e:  # noqa: BLE001 - a failed measurement leaves the table's estimate, never the check
+        log.warning("time calibration failed (%s: %s); the estimate uses the fixed table", type(e).__name__, e)
+        return None
+
+
+def estimate_seconds(cfg: TrainConfig, run: RunPlan, gpu: bool, rates: timing.Rates | None = None) -> float | None:
+    """The run's duration (loading, training, sample renders, evaluation after training) at `rates` (default:
+    the fixed table), or None where it would take days (a real model without a GPU)."""
+    from .evaluate import runs_after_training
+
+    rates = rates or table_rates(cfg, run, gpu)
+    if rates is None:
+        return None
+    return timing.run_seconds(cfg, run.total_steps, rates, runs_after_training(cfg.eval, cfg.model.base, gpu))
 
 
 def time_basis(run: RunPlan) -> str:
@@ -195,8 +216,8 @@ class Preflight:
             f"{self.batch_size} x {self.accumulation} accumulation x {self.processes} process(es)",
         ]
         if self.estimate_seconds is not None:
-            lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (rough, from {self.time_basis}; "
-                         "sample renders and evaluation included)")
+            lines.append(f"estimated time: about {format_duration(self.estimate_seconds)} (from {self.time_basis}; "
+                         "loading, sample renders and evaluation included)")
         else:
             lines.append("estimated time: days without a GPU; real models need one (builtin:tiny-sd runs anywhere)")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -211,10 +232,11 @@ class Preflight:
 
 
 def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", processes: int | None = None,
-              gpu: bool | None = None, gpu_memory: int | None = None) -> Preflight:
+              gpu: bool | None = None, gpu_memory: int | None = None, calibrate: bool = False) -> Preflight:
     """Scan the dataset and plan the run exactly as the trainer will (`plan_run`, then the memory plan);
     raises DatasetError if it can't train. `gpu_memory`: plan for a GPU of that many bytes (with bf16)
-    instead of the one found."""
+    instead of the one found. `calibrate`: time a few real steps and renders of the run here where the base
+    is on disk (measured_rates: it loads the base, so the check is no longer weight-free)."""
     run = plan_run(cfg, run_dir, processes)
     data = cfg.data
     has_gpu = gpu_present() if gpu is None else gpu
@@ -222,14 +244,15 @@ def preflight(run_dir: Path, cfg: TrainConfig, *, config_source: str = "", proce
     trained, mem = memory_check(cfg, run, Path(run_dir), card)
     if (trained.optim.batch_size, trained.optim.gradient_accumulation) != (cfg.optim.batch_size, cfg.optim.gradient_accumulation):
         run = plan_run(trained, run_dir, processes)  # the micro-batches the trainer will draw
+    rates = measured_rates(trained, run, has_gpu) if calibrate and not mem.refusal else None
     return Preflight(
         config_source=config_source or "defaults and flags", base=cfg.model.base, images_dir=run.images_dir,
         images=len(run.items), per_epoch=run.per_epoch,
         captioned=sum(1 for i in run.items if i.caption != data.trigger), trigger=data.trigger,
         buckets=run.bucket_counts(), plan=run.batches, processes=run.processes,
         batch_size=trained.optim.batch_size, accumulation=trained.optim.gradient_accumulation,
-        estimate_seconds=estimate_seconds(trained, run, has_gpu or card is not None),
+        estimate_seconds=estimate_seconds(trained, run, has_gpu or card is not None, rates),
         small=[i.image.name for i in run.items if min(i.size) < run.resolution], resolution=run.resolution,
-        warnings=run.warnings, memory=mem, time_basis=time_basis(run),
+        warnings=run.warnings, memory=mem, time_basis=rates.basis if rates else time_basis(run),
         reg_images=len(run.reg_items), reg_dir=run.reg_dir, prior_loss_weight=cfg.optim.prior_loss_weight,
     )

@@ -13,12 +13,14 @@ import math
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import checkpoints as ckpts
+from . import timing
 from .config import TrainConfig
 from .ema import applied as ema_applied
 from .events import EVENTS_FILENAME, EventWriter, make_event
@@ -118,6 +120,7 @@ class Recorder:
         self.t: Trainables | None = None
         self.plan: RunPlan | None = None
         self._failed_listeners: set[int] = set()
+        self._measured: dict[str, float] = {}  # seconds of the last set of samples ("render") and validation ("validate")
         if self.main:  # what a killed run left half-written is not a checkpoint, and takes space
             for folder in (run_dir, run_dir / "checkpoints"):
                 for path in remove_partial_dirs(folder):
@@ -183,11 +186,31 @@ class Recorder:
     def step(self, done: int, loss: float, lr: float, sec_per_step: float, terms: dict[str, float] | None = None) -> None:
         """`terms`: the extra loss terms inside `loss` (e.g. prior, preservation), each as <name>_loss."""
         total = self.plan.total_steps
+        parts = self.seconds_left(done, sec_per_step)
         self.emit(
             "step", step=done, total_steps=total, loss=round(loss, 6), lr=lr, sec_per_step=round(sec_per_step, 4),
-            eta_seconds=round(sec_per_step * (total - done), 1), memory=memory_in_use() if self.main else {},
+            eta_seconds=round(sum(parts.values()), 1), eta_parts={k: round(v, 1) for k, v in parts.items()},
+            memory=memory_in_use() if self.main else {},
             **{f"{name}_loss": round(value, 6) for name, value in (terms or {}).items()},
         )
+
+    def seconds_left(self, done: int, sec_per_step: float) -> dict[str, float]:
+        """What the run still needs after step `done` (timing.py): the steps at their measured pace and, once a
+        set of samples has been timed, the renders and validations still to come and the evaluation after
+        training at that pace (before then, steps only: a resumed run renders first at its next sample step)."""
+        import torch
+
+        from .evaluate import runs_after_training
+
+        total = self.plan.total_steps
+        render = self._measured.get("render")
+        if render is None:
+            return {"training": sec_per_step * (total - done)}
+        rates = timing.rates_from_render(self.cfg, sec_per_step, render)
+        evaluates = runs_after_training(self.cfg.eval, self.cfg.model.base, torch.cuda.is_available())
+        parts = timing.seconds_left(self.cfg, done, total, rates, evaluates)
+        parts["validation"] = timing.sample_renders_left(self.cfg.sampling.every, done, total) * self._measured.get("validate", 0.0)
+        return parts
 
     # -- the stop request ----------------------------------------------------------------------------
     def check_stop(self) -> None:
@@ -312,7 +335,7 @@ class Recorder:
 
         if self.validation is None:
             return
-        t = self.t
+        t, begun = self.t, time.perf_counter()
         t.frozen_to_device()
         unet = self._unwrap(t.trained["unet"])
         names = ("text_encoder", "text_encoder_2")
@@ -320,6 +343,7 @@ class Recorder:
         with ema_applied(t.ema):
             value = validation_loss(unet, encoders, t.tokenizers, self.validation, t.noise_scheduler, t.kind)
         t.frozen_off_device()
+        self._measured["validate"] = time.perf_counter() - begun
         self.emit("validation", step=step, val_loss=round(value, 6), images=len(self.validation.cases))
 
     def evaluate_checkpoints(self) -> None:
@@ -355,7 +379,7 @@ class Recorder:
         t, smp = self.t, self.cfg.sampling
         if not self.main or smp.every == 0:
             return
-        prompts = self.cfg.sample_prompts()
+        prompts, begun = self.cfg.sample_prompts(), time.perf_counter()
         for model in t.trained.values():
             model.eval()  # no LoRA dropout in the samples
         t.frozen_to_device()
@@ -388,6 +412,7 @@ class Recorder:
             shutil.rmtree(folder, ignore_errors=True)
             log.info("sample images of step %d skipped: a stop was requested", step)
             return
+        self._measured["render"] = time.perf_counter() - begun  # the live ETA's price of the renders to come
         self.emit("sample", step=step, images=paths, prompts=prompts, seed=smp.seed)
 
     def wait_for_uploads(self) -> None:

@@ -392,3 +392,113 @@ def test_pivotal_tuning_keeps_the_text_encoders_on_the_gpu(sd):
     cached = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512), sd))
     pivotal = terms(memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, lora__trigger_vectors=1), sd))
     assert cached["text encoder weights"] == 0 and pivotal["text encoder weights"] == 2 * sd.params("text_encoder")
+
+
+# -- pivotal tuning and EMA ------------------------------------------------------------------------------
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@pytest.mark.parametrize("kind, vectors, optimizer, rows_bytes", [
+    ("sd", 1, "adamw", 768 * (4 + 4 + 8)),  # fp32 weights + fp32 gradients + AdamW's two fp32 moments
+    ("sd", 2, "adamw8bit", 2 * 768 * (4 + 4 + 8)),  # under 4096 values: bitsandbytes keeps 32-bit state
+    ("sdxl", 1, "adamw", (768 + 1280) * (4 + 4 + 8)),  # a row in each text encoder
+    ("sdxl", 4, "adamw8bit", 4 * 768 * 16 + 4 * 1280 * (4 + 4 + 2) + 8 * (4 * 1280 // 256)),  # 5120 values: 8-bit
+    ("sdxl", 2, "prodigy", 2 * (768 + 1280) * (4 + 4 + 16)),
+])
+def test_pivotal_tuning_adds_the_trigger_rows_and_the_text_encoders_activations(kind, vectors, optimizer, rows_bytes, sd, sdxl):
+    arch, base, res = (sd, SD15, 512) if kind == "sd" else (sdxl, SDXL_ID, 1024)
+    plain = config(base, res, optim__optimizer=optimizer, data__cache_text_embeddings=False, data__trigger="ohwx")
+    pivotal = config(base, res, optim__optimizer=optimizer, data__cache_text_embeddings=False, data__trigger="ohwx",
+                     lora__trigger_vectors=vectors)
+    before, after = memory.estimate(plain, arch), memory.estimate(pivotal, arch)
+    t = terms(after)
+    assert t["trigger embeddings"] == rows_bytes
+    assert t["text encoder activations"] > 0
+    # Nothing else moves but the slack over the new activations.
+    assert after.total - before.total == rows_bytes + t["text encoder activations"] + int(0.1 * (terms(before)["activations"]
+                                                   + t["text encoder activations"])) - int(0.1 * terms(before)["activations"])
+    assert "trigger embeddings" in after.text() and "text encoder activations" in after.text()
+
+
+def test_pivotal_activations_grow_with_the_captions_and_are_the_text_lora_term_when_that_trains(sd):
+    one, four = (terms(memory.estimate(config(SD15, 512, data__trigger="ohwx", lora__trigger_vectors=1, optim__batch_size=b), sd))
+                 for b in (1, 4))
+    assert four["text encoder activations"] == 4 * one["text encoder activations"]
+    with_lora = terms(memory.estimate(config(SD15, 512, data__trigger="ohwx", lora__trigger_vectors=1,
+                                             lora__train_text_encoder=True), sd))
+    assert "text encoder activations" not in with_lora and with_lora["trigger embeddings"] == one["trigger embeddings"]
+
+
+@pytest.mark.parametrize("model, component", [("builtin:tiny-sd", "text_encoder"), ("builtin:tiny-sdxl", "text_encoder_2")])
+def test_the_pivotal_simulation_keeps_what_autograd_saves_on_a_real_text_encoder(model, component):
+    """The meta-device count against the tensors autograd really saves (weights excluded) on the CPU, in fp32."""
+    import torch
+
+    from lora_trainer.memory.simulate import pivotal_text_encoder_bytes
+    from lora_trainer.pivotal import LearnedTokens
+
+    cfg = memory.architecture(model).components[component].config
+    encoder = meta_model(component, cfg, device="cpu").requires_grad_(False)
+    frozen = encoder.get_input_embeddings()
+    encoder.set_input_embeddings(LearnedTokens(frozen, frozen.num_embeddings - 2, torch.randn(2, frozen.weight.shape[1])))
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = encoder(torch.randint(0, frozen.num_embeddings, (1, cfg["max_position_embeddings"])), output_hidden_states=True)
+    for tensor in [out[0], out[1], *out.hidden_states]:
+        keep(tensor)
+    weights = {p.untyped_storage()._cdata for p in encoder.parameters()} | {b.untyped_storage()._cdata for b in encoder.buffers()}
+    measured = sum(n for key, n in saved.items() if key not in weights)
+    assert out[0].requires_grad and measured > 0
+    assert pivotal_text_encoder_bytes(component, cfg, 2, 1, "fp32") == measured
+
+
+def _ema_kept(kind: str, targets: list[str], rank: int, dora: bool, monkeypatch) -> int:
+    """The elements ema.LoraEma averages of a real (meta-device) UNet with peft's LoRA attached."""
+    import torch
+
+    from lora_trainer.ema import LoraEma
+    from lora_trainer.models import attach_lora, lora_config
+
+    unet = meta_model("unet", published_config(kind, "unet")).requires_grad_(False)
+    with torch.device("meta"):
+        attach_lora(unet, lora_config(rank, rank, 0.0, targets, use_dora=dora, use_rslora=False), "UNet")
+    monkeypatch.setattr(LoraEma, "restart", lambda self: None)  # its CPU copy of meta tensors cannot be made
+    return sum(p.numel() for p in LoraEma({"unet": unet}, 0.999).params.values())
+
+
+@pytest.mark.parametrize("kind, rank, dora", [("sd", 32, False), ("sd", 4, True), ("sdxl", 16, False)])
+def test_ema_keeps_an_fp32_copy_of_the_lora_weights_in_system_ram(kind, rank, dora, monkeypatch, sd, sdxl):
+    arch, base, res = (sd, SD15, 512) if kind == "sd" else (sdxl, SDXL_ID, 1024)
+    cfg = config(base, res, lora__rank=rank, lora__use_dora=dora, optim__ema_decay=0.999)
+    est = memory.estimate(cfg, arch)
+    ram = {t.label: t.bytes for t in est.ram_training}
+    kept = 4 * _ema_kept(kind, ATTENTION, rank, dora, monkeypatch)
+    assert ram["EMA average"] == ram["EMA swap copy"] == kept
+    assert est.total == memory.estimate(config(base, res, lora__rank=rank, lora__use_dora=dora), arch).total  # not on the GPU
+    assert "system RAM while training" in est.text() and "EMA average" in est.text()
+
+
+def test_on_a_cpu_the_ema_is_part_of_the_training_memory(sd):
+    cfg = config(SD15, 512, optim__ema_decay=0.99)
+    est = memory.estimate(cfg, sd, device="cpu")
+    without = memory.estimate(config(SD15, 512), sd, device="cpu")
+    lora = terms(est)["LoRA weights"]
+    assert est.phase_total("training") - without.phase_total("training") == lora
+    assert est.phase_total("sample renders") - without.phase_total("sample renders") == 2 * lora
+    assert est.ram_training == []
+
+
+@pytest.mark.parametrize("changes, parked", [
+    ({}, {"VAE (off the GPU)": 4 * 83_653_863, "text encoders (off the GPU)": 2 * 123_060_480}),
+    ({"data__cache_latents": False}, {"text encoders (off the GPU)": 2 * 123_060_480}),
+    ({"data__cache_text_embeddings": False, "data__cache_latents": False}, {}),
+])
+def test_system_ram_while_training_holds_what_the_caches_moved_off_the_gpu(sd, changes, parked):
+    ram = {t.label: t.bytes for t in memory.estimate(config(SD15, 512, **changes), sd).ram_training}
+    assert {k: v for k, v in ram.items() if "off the GPU" in k} == parked

@@ -217,3 +217,76 @@ def test_the_time_estimate_says_what_it_is_based_on_and_counts_the_evaluation(tm
     assert evaluated.estimate_seconds > without.estimate_seconds
     assert slower.estimate_seconds > without.estimate_seconds
     assert "the tiny model's seconds per step on 2 CPU cores" in without.format()
+
+
+# -- the time estimate: one rule for check and the live ETA (timing.py) -----------------------------------
+@pytest.mark.parametrize("every, done, total, left", [
+    (0, 0, 100, 0),  # no samples
+    (50, 0, 100, 2),  # at step 50 and at the end
+    (50, 50, 100, 1),  # step 50's set is done: the end's is left
+    (30, 0, 100, 4),  # 30, 60, 90 and the end
+    (10, 100, 100, 1),  # the last step's event comes before the final set
+    (200, 0, 100, 1),  # only the end's
+])
+def test_sample_renders_left_counts_the_schedule_and_the_final_set(every, done, total, left):
+    from lora_trainer.timing import sample_renders_left
+
+    assert sample_renders_left(every, done, total) == left
+
+
+@pytest.mark.parametrize("save_every, keep, trigger, total, images", [
+    (0, 0, "ohwx", 300, 2 * 4 * 2 * 2),  # base + final; 4 prompts x 2 seeds, with and without the trigger
+    (100, 0, "ohwx", 300, 4 * 4 * 2 * 2),  # base, steps 100 and 200, the last step
+    (100, 2, "ohwx", 300, 3 * 4 * 2 * 2),  # only the newest 2 checkpoints are kept
+    (100, 0, "", 250, 4 * 4 * 2),  # without a trigger each image is made once
+])
+def test_the_evaluation_renders_each_kept_checkpoints_prompts_and_seeds(tmp_path, save_every, keep, trigger, total, images):
+    from lora_trainer.timing import evaluation_images
+
+    cfg = tiny_config(make_images(tmp_path / "images"), output__save_every=save_every, output__keep_checkpoints=keep,
+                      data__trigger=trigger, sampling__prompts=["a circle"])
+    assert evaluation_images(cfg, total) == images
+
+
+def test_the_estimate_is_loading_steps_renders_and_evaluation_at_the_rates(tmp_path):
+    from lora_trainer.plan import plan_run
+    from lora_trainer.preflight import estimate_seconds
+    from lora_trainer.timing import Rates
+
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=100, sampling__every=50, sampling__steps=3,
+                      eval__after_training="on", eval__steps=5, sampling__prompts=["ohwx, a", "ohwx, b"])
+    rates = Rates(step=0.5, denoise=0.1, decode=0.2, basis="test", load=7.0)
+    renders = 3 * 2 * (3 * 0.1 + 0.2)  # the base's at step 0, at step 50 and at the end; 2 prompts each
+    evaluation = (2 * 4 * 2 * 2) * (5 * 0.1 + 0.2)  # base + final, 4 prompts x 2 seeds x with/without trigger
+    assert estimate_seconds(cfg, plan_run(cfg, tmp_path), False, rates) == pytest.approx(7.0 + 100 * 0.5 + renders + evaluation)
+
+
+def test_check_times_a_few_real_steps_of_a_builtin_base(tmp_path):
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=20, sampling__every=10)
+    report = preflight(tmp_path, cfg, gpu=False, calibrate=True)
+    assert "measured on this machine's CPU" in report.time_basis and "measured on" in report.format()
+    table = preflight(tmp_path, cfg, gpu=False)
+    assert "fixed table" in table.time_basis
+    assert report.estimate_seconds > 0 and report.estimate_seconds != table.estimate_seconds
+
+
+def test_the_live_eta_counts_the_renders_still_to_come(tmp_path):
+    from lora_trainer import config as config_mod
+    from lora_trainer.events import read_events
+    from lora_trainer.timing import sample_renders_left
+    from lora_trainer.train import train
+
+    cfg = tiny_config(make_images(tmp_path / "images"), optim__steps=6, sampling__every=3, eval__after_training="off")
+    run = tmp_path / "run"
+    config_mod.save(cfg, run)
+    train(run, cfg)
+    steps = [e for e in read_events(run / "events.jsonl")[0] if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 7))
+    for e in steps:
+        parts = e["eta_parts"]
+        assert e["eta_seconds"] == pytest.approx(sum(parts.values()), abs=0.3)
+        assert parts["training"] == pytest.approx(e["sec_per_step"] * (6 - e["step"]), abs=0.1)
+        assert parts["evaluation"] == 0  # eval.after_training = off
+        assert sample_renders_left(3, e["step"], 6) >= 1 and parts["samples"] > 0  # the base's set at step 0 was timed
+    last = steps[-1]
+    assert last["eta_parts"]["training"] == 0 and last["eta_seconds"] > 0  # the final samples are still to come

@@ -8,6 +8,11 @@ Terms and where they come from:
   (bitsandbytes' block-wise 8-bit moments, one fp32 scale per 256 values; tensors under 4096 values
   keep 32-bit state), Prodigy 16 B/param (prodigyopt 1.1: exp_avg, exp_avg_sq, s and p0; p0 is a
   scalar for a zero-initialised LoRA B, so 12 B there);
+- pivotal tuning (lora.trigger_vectors): the trigger's new embedding rows (vectors x width per text
+  encoder) with fp32 gradients and optimizer state, and the text encoders' activations: they run
+  forward every step and the rows' gradient flows back through every layer (simulate.py);
+- EMA (optim.ema_decay): an fp32 copy of the LoRA weights in system RAM (ema.py), and a second one
+  while samples render with the average (the raw weights wait on the CPU);
 - activations: one training step simulated on the meta device (simulate.py) at batch 1 and the
   training resolution, scaled by the batch (every saved tensor grows linearly with it); the plan's
   alternative resolutions scale by image area from there (feature maps grow with the area, and fused
@@ -15,6 +20,7 @@ Terms and where they come from:
   up to 40% for SDXL with gradient checkpointing from 512 to 1024 px, measured on the simulation);
 - the CUDA context (kernels, cuBLAS workspace: 0.3-0.6 GB with CUDA's lazy loading, which
   max_memory_allocated never shows) and the caching allocator's slack over what is allocated.
+System RAM while training: the process, the components parked off the GPU, the EMA copies.
 Phases: caching latents (VAE encode with everything loaded), training steps, sample renders
 (everything back on the GPU: VAE decode at full size). The peak is the largest phase.
 """
@@ -27,7 +33,12 @@ from dataclasses import dataclass, field
 
 from ..config import TEXT_ENCODER_TARGETS, TrainConfig
 from .arch import Architecture, architecture, has_fp16_variant, lora_tensors
-from .simulate import inference_peak, text_encoder_training_bytes, unet_training_peak
+from .simulate import (
+    inference_peak,
+    pivotal_text_encoder_bytes,
+    text_encoder_training_bytes,
+    unet_training_peak,
+)
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
@@ -51,6 +62,7 @@ class Estimate:
     ram: list[Term]  # system memory while the base loads
     source: str
     notes: list[str] = field(default_factory=list)
+    ram_training: list[Term] = field(default_factory=list)  # system memory while a GPU trains (none for a CPU run)
 
     def phase_total(self, phase: str) -> int:
         return sum(t.bytes for t in self.phases[phase])
@@ -68,6 +80,10 @@ class Estimate:
     def ram_total(self) -> int:
         return sum(t.bytes for t in self.ram)
 
+    @property
+    def ram_training_total(self) -> int:
+        return sum(t.bytes for t in self.ram_training)
+
     def text(self) -> str:
         where = "GPU memory" if self.device == "cuda" else "memory (training on the CPU)"
         train = self.phases["training"]
@@ -80,6 +96,9 @@ class Estimate:
         lines.append(f"peak: {gb(self.total)} ({self.peak_phase})")
         lines.append(f"system RAM while loading: {gb(self.ram_total)}  ("
                      + ", ".join(f"{t.label} {t.note if t.note and not t.bytes else gb(t.bytes)}" for t in self.ram) + ")")
+        if self.ram_training:
+            lines.append(f"system RAM while training: {gb(self.ram_training_total)}  ("
+                         + ", ".join(f"{t.label} {gb(t.bytes)}" for t in self.ram_training if t.bytes) + ")")
         lines.append(f"parameter counts: {self.source}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -179,19 +198,11 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     cache_text, cache_latents = text_caching(cfg), cfg.data.cache_latents
     sim_dtype = "fp16" if dt == "bf16" else dt  # same sizes; one simulation serves both
 
-    tensors = trainable_tensors(cfg, arch)
-    flat = [t for ts in tensors.values() for t in ts]
+    flat = [t for ts in trainable_tensors(cfg, arch).values() for t in ts]
     n_lora = sum(n for _, n in flat)
-    lora_spec = {"rank": lora.rank, "targets": cfg.unet_targets(), "dora": lora.use_dora}
     size = -(-(simulated_size or res) // 64) * 64  # every UNet and VAE level divides a multiple of 64
     area = (res / size) ** 2
-    acts = int(batch * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
-    if lora.train_text_encoder:
-        te_spec = {"rank": lora.rank, "targets": TEXT_ENCODER_TARGETS, "dora": lora.use_dora}
-        acts += batch * sum(text_encoder_training_bytes(t.name, t.config, {**te_spec, "layers": _te_layers(arch, t.name)},
-                                                        1, sim_dtype, opt.gradient_checkpointing) for t in tes)
-    if not cache_latents:  # each step encodes its images first: that peak comes and goes before the UNet's
-        acts = max(acts, int(batch * area * inference_peak("vae", vae.config, 1, size, size, "fp32", "encode")))
+    acts = _activations(cfg, arch, size, sim_dtype)
     context = [Term("CUDA context", CUDA_CONTEXT_BYTES, "kernels and cuBLAS workspace")] if gpu else []
     slack = (lambda b: [Term("allocator slack", int(ALLOCATOR_SLACK * b), f"{ALLOCATOR_SLACK:.0%} of activations")]) if gpu else (lambda b: [])
     unet_w = Term("UNet weights", unet.params * wbytes, f"{_millions(unet.params)} params, {dt}")
@@ -203,24 +214,91 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
                  f"{_millions(vae.params)} params, fp32" if vae_on_gpu else "off the GPU (latents cached)")
     lora_w = Term("LoRA weights", 4 * n_lora, f"{_millions(n_lora)} params, fp32 (rank {lora.rank})")
     state = Term("optimizer state", optimizer_state_bytes(opt.optimizer, flat), opt.optimizer)
+    rows, te_acts = pivotal_terms(cfg, arch, sim_dtype)
+    ema, ema_swap = ema_terms(cfg, n_lora)
     ckpt = "on" if opt.gradient_checkpointing else "off"
     act = Term("activations", acts, f"batch {batch} at {res}x{res}, {dt}, gradient checkpointing {ckpt}")
-    training = [*context, unet_w, te_w, vae_w, lora_w, Term("LoRA gradients", 4 * n_lora, "fp32"), state, act]
+    training = [*context, unet_w, te_w, vae_w, lora_w, Term("LoRA gradients", 4 * n_lora, "fp32"), state, *rows, act, *te_acts]
     if processes > 1:
         training.append(Term("DDP gradient buckets", 4 * n_lora, f"{processes} processes"))
-    training += slack(acts)
+    training += slack(acts + sum(t.bytes for t in te_acts))
+    if not gpu:  # a CPU run's memory is the system RAM the EMA lives in
+        training += ema
 
     phases = {"training": training}
     all_w = [unet_w, Term("text encoder weights", te_params * wbytes), Term("VAE weights", vae.params * 4)]
     if cache_latents:
         encode = int(area * inference_peak("vae", vae.config, 1, size, size, "fp32", "encode"))
-        phases["caching latents"] = [*context, *all_w, lora_w, Term("VAE encode", encode)]
+        phases["caching latents"] = [*context, *all_w, lora_w, *rows, Term("VAE encode", encode)]
     if cfg.sampling.every:
         cfg_batch = 2 if cfg.sampling.guidance > 1 else 1
         render = int(area * max(inference_peak("unet", unet.config, cfg_batch, size, size, sim_dtype, "denoise"),
                                 inference_peak("vae", vae.config, 1, size, size, sim_dtype, "decode")))
-        phases["sample renders"] = [*context, *all_w, lora_w, state, Term("render (UNet or VAE decode)", render), *slack(render)]
-    return Estimate(device, phases, ram_at_load(cfg, arch, device), arch.source)
+        phases["sample renders"] = [*context, *all_w, lora_w, state, *rows, Term("render (UNet or VAE decode)", render),
+                                    *slack(render), *([] if gpu else ema + ema_swap)]
+    ram_training = ram_while_training(cfg, arch, ema + ema_swap) if gpu else []
+    return Estimate(device, phases, ram_at_load(cfg, arch, device), arch.source, ram_training=ram_training)
+
+
+def _activations(cfg: TrainConfig, arch: Architecture, size: int, sim_dtype: str) -> int:
+    """The training step's activation peak above the weights (UNet, trained text encoders, an uncached VAE encode)."""
+    opt, lora, batch = cfg.optim, cfg.lora, cfg.optim.batch_size
+    unet, vae = arch.components["unet"], arch.components["vae"]
+    area = (cfg.data.resolution / size) ** 2
+    lora_spec = {"rank": lora.rank, "targets": cfg.unet_targets(), "dora": lora.use_dora}
+    acts = int(batch * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
+    if lora.train_text_encoder:
+        te_spec = {"rank": lora.rank, "targets": TEXT_ENCODER_TARGETS, "dora": lora.use_dora}
+        acts += batch * sum(text_encoder_training_bytes(t.name, t.config, {**te_spec, "layers": _te_layers(arch, t.name)},
+                                                        1, sim_dtype, opt.gradient_checkpointing) for t in arch.text_encoders)
+    if not cfg.data.cache_latents:  # each step encodes its images first: that peak comes and goes before the UNet's
+        acts = max(acts, int(batch * area * inference_peak("vae", vae.config, 1, size, size, "fp32", "encode")))
+    return acts
+
+
+def pivotal_terms(cfg: TrainConfig, arch: Architecture, sim_dtype: str) -> tuple[list[Term], list[Term]]:
+    """Pivotal tuning's GPU memory: ([the trigger's embedding rows], [the text encoders' activations]); empty when off.
+
+    Each text encoder gets `vectors` new rows of its width (pivotal.LearnedTokens), trained in fp32 with fp32
+    gradients and the optimizer's state. The frozen encoders then run forward every step and keep what the
+    rows' gradient needs (simulate.pivotal_text_encoder_bytes); with text-encoder LoRA the activations term
+    already holds that graph."""
+    vectors = cfg.lora.trigger_vectors
+    if not vectors:
+        return [], []
+    rows = [("vectors", vectors * te.config["hidden_size"]) for te in arch.text_encoders]
+    n = sum(k for _, k in rows)
+    widths = " + ".join(str(te.config["hidden_size"]) for te in arch.text_encoders)
+    nbytes = 8 * n + optimizer_state_bytes(cfg.optim.optimizer, rows)
+    embedding = Term("trigger embeddings", nbytes, f"{vectors} x ({widths}) rows: fp32 weights, gradients, {cfg.optim.optimizer} state "
+                     f"({nbytes / 2**10:.0f} KiB)")
+    if cfg.lora.train_text_encoder:
+        return [embedding], []
+    batch = cfg.optim.batch_size
+    kept = batch * sum(pivotal_text_encoder_bytes(te.name, te.config, vectors, 1, sim_dtype) for te in arch.text_encoders)
+    return [embedding], [Term("text encoder activations", kept, f"pivotal tuning: batch {batch} of captions, kept for the "
+                                                              "trigger's gradient")]
+
+
+def ema_terms(cfg: TrainConfig, n_lora: int) -> tuple[list[Term], list[Term]]:
+    """The EMA's system RAM (ema.LoraEma): ([its fp32 average of the LoRA weights], [the raw weights it sets
+    aside while samples render and LoRA files save with the average]); empty when off."""
+    if not cfg.optim.ema_decay:
+        return [], []
+    return ([Term("EMA average", 4 * n_lora, f"fp32 copy of the LoRA weights on the CPU (decay {cfg.optim.ema_decay:g})")],
+            [Term("EMA swap copy", 4 * n_lora, "the raw LoRA weights, on the CPU while samples render with the average")])
+
+
+def ram_while_training(cfg: TrainConfig, arch: Architecture, ema: list[Term]) -> list[Term]:
+    """System RAM while a GPU trains: the process, the components parked on the CPU by the caches
+    (Trainables.frozen_off_device), and the EMA's copies (at their peak, while samples render)."""
+    wbytes = 4 if weight_dtype(cfg) == "fp32" else 2
+    parked = []
+    if cfg.data.cache_latents:
+        parked.append(Term("VAE (off the GPU)", 4 * arch.params("vae")))
+    if text_caching(cfg):
+        parked.append(Term("text encoders (off the GPU)", wbytes * sum(t.params for t in arch.text_encoders)))
+    return [Term("python, torch, diffusers", PROCESS_RAM["cuda"]), *parked, *ema]
 
 
 def ram_at_load(cfg: TrainConfig, arch: Architecture, device: str = "cuda") -> list[Term]:

@@ -254,23 +254,42 @@ def unet_training_peak(config: dict[str, Any], lora: dict[str, Any], batch: int,
                       dtype, checkpointing)
 
 
-@_disk_cached
-def _text_step(component: str, config_json: str, lora_json: str, batch: int, dtype: str, checkpointing: bool) -> int:
+def _kept_by_text_forward(model, config: dict, batch: int, dtype: str) -> int:
+    """Bytes alive after a text encoder's forward: what the graph holds until the UNet's backward reaches it."""
     import torch
 
-    config, lora = json.loads(config_json), json.loads(lora_json)
-    model = _lora_model(component, config, dtype, lora)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
     LiveBytes, Autocast = _modes()
     live = LiveBytes()
     ids = torch.zeros(batch, config.get("max_position_embeddings", 77), dtype=torch.long, device="meta")
     with live, Autocast(_half(dtype)):
         out = model(ids, output_hidden_states=True)
-        kept = live.now  # what the graph holds until the UNet's backward reaches it
+        kept = live.now
         del out
     return kept
+
+
+@_disk_cached
+def _text_step(component: str, config_json: str, lora_json: str, batch: int, dtype: str, checkpointing: bool) -> int:
+    config, lora = json.loads(config_json), json.loads(lora_json)
+    model = _lora_model(component, config, dtype, lora)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return _kept_by_text_forward(model, config, batch, dtype)
+
+
+@_disk_cached
+def _pivotal_text_step(component: str, config_json: str, vectors: int, batch: int, dtype: str) -> int:
+    import torch
+
+    from ..pivotal import LearnedTokens
+
+    config = json.loads(config_json)
+    model = _lora_model(component, config, dtype, None)
+    frozen = model.get_input_embeddings()
+    rows = torch.empty(vectors, frozen.weight.shape[1], device="meta")
+    model.set_input_embeddings(LearnedTokens(frozen, frozen.num_embeddings, rows))  # the trainer's module (pivotal.py)
+    return _kept_by_text_forward(model, config, batch, dtype)
 
 
 def text_encoder_training_bytes(component: str, config: dict[str, Any], lora: dict[str, Any], batch: int, dtype: str,
@@ -278,6 +297,14 @@ def text_encoder_training_bytes(component: str, config: dict[str, Any], lora: di
     """Bytes a trained text encoder's forward keeps alive for the backward pass (batch of captions)."""
     return _text_step(component, json.dumps(config, sort_keys=True), json.dumps(lora, sort_keys=True), batch, dtype,
                       checkpointing)
+
+
+def pivotal_text_encoder_bytes(component: str, config: dict[str, Any], vectors: int, batch: int, dtype: str) -> int:
+    """Bytes a frozen text encoder's forward keeps alive when only the trigger's new embedding rows train
+    (pivotal tuning): their gradient flows back through every layer, so each layer keeps what its input's
+    gradient needs (norm inputs and statistics, attention's q, k, v and output, the MLP's pre-activation),
+    though no weight of it trains. The trainer runs these encoders without gradient checkpointing."""
+    return _pivotal_text_step(component, json.dumps(config, sort_keys=True), vectors, batch, dtype)
 
 
 def _unet_inputs(torch, config: dict, batch: int, height: int, width: int, dtype) -> tuple:

@@ -229,12 +229,14 @@ def _dataset_ready(session: Session) -> Path:
 # -- Check -------------------------------------------------------------------------------------------------
 @user_errors
 def check_run(session: Session, **settings: Any) -> str:
-    """The pre-flight check: dataset, plan and an estimate, without loading a model."""
+    """The pre-flight check: dataset, plan and estimates (a built-in base is timed for a few steps)."""
     from ...preflight import preflight
 
     run = _dataset_ready(session)
     cfg, notes = build_config(run, settings)
-    report = preflight(run, cfg, config_source="this page's settings", gpu=system.has_gpu())
+    # Timing a few steps loads the base: here only a built-in one (a few MB; a real one could take the GPU from a run).
+    report = preflight(run, cfg, config_source="this page's settings", gpu=system.has_gpu(),
+                       calibrate=cfg.model.base.startswith("builtin:"))
     heading = "#### Check: this run does not fit the GPU (see *memory plan*)" if report.refused else "#### Check passed"
     lines = [heading, f"```\n{report.format(images_label='this run')}\n```"]
     if notes:
