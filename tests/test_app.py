@@ -712,17 +712,16 @@ def _readme_scopes() -> str:
     return " ".join(["openid", "profile", *yaml.safe_load(readme.split("---")[1])["hf_oauth_scopes"]])
 
 
-@pytest.mark.parametrize("where", ["space", "local"])
-def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(where, tmp_path):
-    """What a Space sets when the README enables hf_oauth. On a Space (SYSTEM=spaces) gradio signs in through
-    huggingface.co with the README's scopes; elsewhere it mocks sign-in with the developer's own login."""
-    scopes, port = _readme_scopes(), _free_port()
+def _start_app_py_and_sign_in(tmp_path: Path, where: str, scopes: str, **extra_env: str) -> tuple[dict, httpx.URL]:
+    """Start app.py with what a Space sets when the README enables hf_oauth (OAUTH_SCOPES: `scopes`), press sign-in;
+    returns the page's /config and where sign-in redirects to. `where`: "space" (SYSTEM=spaces) or "local"."""
+    port = _free_port()
     with _HubSignIn() as hf:
         env = {**os.environ, "SPACE_ID": "someone/lora-studio", "OAUTH_CLIENT_ID": "client-id",
                "OAUTH_CLIENT_SECRET": "client-secret", "OAUTH_SCOPES": scopes, "OPENID_PROVIDER_URL": hf.url,
                "GRADIO_SERVER_PORT": str(port), "LORA_STUDIO_WORKSPACE": str(tmp_path / "ws"), "LORA_STUDIO_GPU": "0",
                "HF_ENDPOINT": hf.url, "HF_TOKEN": "hf_theDevelopersOwnToken", "HF_HUB_OFFLINE": "0",
-               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+               "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **extra_env}
         if where == "space":
             env["SYSTEM"] = "spaces"
         else:
@@ -740,19 +739,48 @@ def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(wher
                     break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-            buttons = [c["props"] for c in config["components"] if c["props"].get("variant") == "huggingface"]
-            assert "Sign in with Hugging Face" in [b["value"] for b in buttons]  # gr.LoginButton (and DuplicateButton)
             login = httpx.get(f"{url}/login/huggingface", follow_redirects=False, timeout=30)
             assert login.status_code in (302, 307), login.text[:500]
             target = httpx.URL(login.headers["location"])
             if where == "space":
                 assert str(target).startswith(f"{hf.url}/oauth/authorize")
-                assert target.params["scope"] == scopes
-            else:
-                assert target.path == "/login/callback"
+            return config, target
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+@pytest.mark.parametrize("where", ["space", "local"])
+def test_app_py_starts_with_the_spaces_sign_in_variables_and_offers_sign_in(where, tmp_path):
+    """What a Space sets when the README enables hf_oauth. On a Space (SYSTEM=spaces) gradio signs in through
+    huggingface.co with the README's scopes; elsewhere it mocks sign-in with the developer's own login."""
+    scopes = _readme_scopes()
+    config, target = _start_app_py_and_sign_in(tmp_path, where, scopes)
+    buttons = [c["props"] for c in config["components"] if c["props"].get("variant") == "huggingface"]
+    assert "Sign in with Hugging Face" in [b["value"] for b in buttons]  # gr.LoginButton (and DuplicateButton)
+    if where == "space":
+        assert target.params["scope"] == scopes
+    else:
+        assert target.path == "/login/callback"
+
+
+def _by_elem_id(config: dict, elem_id: str) -> dict:
+    return next(c["props"] for c in config["components"] if c["props"].get("elem_id") == elem_id)
+
+
+@pytest.mark.parametrize(("jobs", "readme_lists_jobs", "asked", "offered"), [
+    ("1", True, True, True),     # Jobs on, the README allows the scope: sign-in asks for it
+    ("", True, False, False),    # Jobs off: never asked for, even where the README allows it
+    ("1", False, False, False),  # Jobs on, the README lacks it (the Hub would refuse it): a line says what to add
+])
+def test_sign_in_asks_for_the_jobs_scope_only_where_the_train_tab_offers_jobs(tmp_path, jobs, readme_lists_jobs, asked, offered):
+    readme = _readme_scopes() + (" jobs" if readme_lists_jobs else "")
+    config, target = _start_app_py_and_sign_in(tmp_path, "space", readme, LORA_STUDIO_JOBS=jobs)
+    assert target.params["scope"].split() == [s for s in readme.split() if s != "jobs" or asked]
+    assert _by_elem_id(config, "jobs-controls")["visible"] is offered
+    notice = _by_elem_id(config, "jobs-scope-missing")
+    assert notice["visible"] is (jobs == "1" and not readme_lists_jobs)
+    assert "add `- jobs` under `hf_oauth_scopes` in the Space's README.md" in notice["value"]
 
 
 def test_sign_in_asks_for_no_more_than_creating_and_writing_your_own_repos():

@@ -8,6 +8,7 @@ the files end up in the repo and in the run, and the token is in no file, log or
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,12 +22,16 @@ from conftest import make_images, tiny_config
 from fake_hub import FINE_GRAINED_TOKEN, WRITE_TOKEN, FakeHub, Until, wait_following_progress
 
 from lora_trainer import config as config_mod
+from lora_trainer.eval_metrics import TINY_CLIP
 from lora_trainer.events import read_events
 from lora_trainer.hub import HubError, client, jobmonitor, jobrunner, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "alice/lora-studio-run"
 IDLE = 120  # seconds without any progress (see Cli.progress) before a wait counts as hung
+# The evaluation after training, on in the job (auto leaves it off for the tiny model on a CPU), cheap: random tiny CLIP.
+EVALUATE = {"eval__after_training": "on", "eval__clip_model": TINY_CLIP, "eval__steps": 2, "eval__prompt_count": 2,
+            "eval__seeds": 2, "eval__validation_images": 2, "eval__validation_timesteps": 2}
 
 
 @pytest.fixture
@@ -36,10 +41,10 @@ def server(tmp_path):
         yield hub
 
 
-def new_run(tmp_path: Path, steps: int) -> Path:
+def new_run(tmp_path: Path, steps: int, **settings) -> Path:
     """A run folder with its own dataset/, as the app or `train --images` leaves it."""
     run = tmp_path / "run"
-    cfg = tiny_config(tmp_path / "unused", optim__steps=steps, output__save_every=2)
+    cfg = tiny_config(tmp_path / "unused", optim__steps=steps, output__save_every=2, **settings)
     cfg.set("data.images", "dataset")
     config_mod.save(cfg, run)
     make_images(run / "dataset")
@@ -96,7 +101,7 @@ class Cli:
 
 @pytest.fixture
 def cli(server, tmp_path):
-    follower = Cli(server, new_run(tmp_path, steps=20), tmp_path)
+    follower = Cli(server, new_run(tmp_path, steps=20, **EVALUATE), tmp_path)
     yield follower
     follower.close()
 
@@ -136,15 +141,27 @@ def test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back
     started = [e for e in events_of(run) if e["type"] == "started"]
     assert [e["resumed"] for e in started] == [False, True, True]
     assert started[1]["step"] == started[2]["step"] == stopped[0]["step"]  # the last checkpoint that was pushed
-    assert events_of(run)[-1]["type"] == "finished"
+    assert [e["type"] for e in events_of(run)][-2:] == ["evaluation", "finished"]
     assert "continuing with a new job" in (run / "train.log").read_text()
 
-    # 4. The files: in the repo, and in the run folder as after a local run.
+    # 4. The files: in the repo, and in the run folder as after a local run, the evaluation after training and its
+    #    pick (best/) too: Generate, `push --checkpoint best` and Publish find them where a local run has them.
     files = server.repos[REPO].files
     assert "checkpoints/step-000020/pytorch_lora_weights.safetensors" in files
     assert (run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == files[
         "checkpoints/step-000020/pytorch_lora_weights.safetensors"]
-    assert (run / "README.md").is_file()
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    pick = evaluation["recommendation"]["name"]
+    assert events_of(run)[-2]["best"] == pick and evaluation["rows"][0]["name"] == "base"
+    assert {r["name"] for r in evaluation["rows"][1:]} >= {"step-000020"}  # the job's checkpoints, scored there
+    best = sorted(p.name for p in (run / "best").iterdir())
+    kohya = f"{config_mod.load(run).output.name}.safetensors"
+    assert best == sorted(["evaluation.json", "lora_info.json", "pytorch_lora_weights.safetensors", kohya]), best
+    for name in best:
+        assert (run / "best" / name).read_bytes() == files[f"best/{name}"], name
+    assert files[f"checkpoints/{pick}/pytorch_lora_weights.safetensors"] == (run / "best" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (run / "evaluation.json").read_bytes() == files["evaluation.json"]
+    assert "## Evaluation" in (run / "README.md").read_text()  # the card, written after it came back, has its table
     assert server.repos[REPO].private
 
     # 5. The token is in no file, log, command or job environment.

@@ -320,6 +320,17 @@ def test_validation_events_are_plotted_as_their_own_series_next_to_the_training_
     assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
 
 
+def test_the_loss_plot_waits_for_the_first_steps_loss_not_only_step_0s_validation_loss():
+    """The plot fixes its series from its first data: validation alone would hide the training loss for good."""
+    from lora_trainer.ui.tabs.train import loss_frame
+
+    monitor = RunMonitor(Path("unused"))
+    monitor.val_losses = {0: 1.1}
+    assert loss_frame(monitor) is None
+    monitor.losses = {1: 1.0}
+    assert set(loss_frame(monitor)["series"]) == {"raw", "smoothed", "validation"}
+
+
 def test_console_tail_keeps_the_last_redraw_of_progress_bars(tmp_path):
     (tmp_path / jobs.CONSOLE_LOG).write_text("start\ntraining: 10%\rtraining: 50%\rtraining: 100%\nerror: boom\n")
     assert console_tail(tmp_path) == "start\ntraining: 100%\nerror: boom"

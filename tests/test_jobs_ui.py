@@ -47,8 +47,8 @@ def hub():
 def app(hub, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     workspace = tmp_path_factory.mktemp("workspace")
+    mp.setenv("LORA_STUDIO_JOBS", "1")  # before the page is built: it shows the Jobs controls only where Jobs is offered
     demo, url = serve(mp, workspace, hub.url, tmp_path_factory.mktemp("hf"))
-    mp.setenv("LORA_STUDIO_JOBS", "1")
     mp.setenv("HF_TOKEN", WRITE_TOKEN)  # this machine's token: what a follower off a Space uses
     mp.setenv("HF_HUB_OFFLINE", "0")
     mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))

@@ -23,7 +23,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from .. import config as config_mod
 from ..checkpoints import TRAINER_STATE, prune
 from ..errors import LoraStudioError
-from ..fsutil import atomic_write_text
+from ..evaluate import BEST_DIR, EVALUATION_FILENAME
+from ..fsutil import atomic_write_text, replace_dir
 from .client import (
     HubError,
     PushResult,
@@ -184,6 +185,61 @@ def fetch_run(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# -- the evaluation after training: evaluation.json and the recommended checkpoint, best/ ---------------
+def evaluation_files(run_dir: str | Path) -> dict[str, Path]:
+    """The run's evaluation.json and best/ (its LoRA files and the pick's scores), as repo paths: the run's own
+    layout. Nothing when the run has no evaluation.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / EVALUATION_FILENAME).is_file():
+        return {}
+    files = {EVALUATION_FILENAME: run_dir / EVALUATION_FILENAME}
+    best = run_dir / BEST_DIR
+    if best.is_dir():
+        files.update({f"{BEST_DIR}/{p.name}": p for p in sorted(best.iterdir()) if p.is_file() and not p.name.startswith(".")})
+    return files
+
+
+def push_evaluation(run_dir: str | Path, repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> list[str]:
+    """Upload the run's evaluation.json and best/ to the repo, in one commit that also deletes a best/ file the new
+    evaluation no longer has (no pick: no best/). Returns the repo paths uploaded ([] without an evaluation)."""
+    files = evaluation_files(run_dir)
+    if not files:
+        return []
+    token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    with hub_errors(token, f"pushing the evaluation to {repo_id}", repo_id):
+        listing = retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
+        stale = [p for p in listing if p.startswith(f"{BEST_DIR}/") and p not in files]
+        commit_files(api, repo_id, files, stale, "The evaluation after training and its recommended checkpoint (best/)")
+    return sorted(files)
+
+
+def fetch_evaluation(spec: str, run_dir: str | Path, *, token: str | None = None, endpoint: str | None = None) -> bool:
+    """Bring the repo's evaluation.json and best/ into the run, as `evaluate` leaves them: best/ complete or not at
+    all, and no best/ where the repo's evaluation has none. False (and nothing changed) when the repo has no
+    evaluation.json."""
+    repo_id, run_dir = parse_spec(spec), Path(run_dir)
+    token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    with hub_errors(token, f"fetching the evaluation from {repo_id}", repo_id):
+        listing = retrying(f"listing {repo_id}", lambda: api.list_repo_files(repo_id))
+        if EVALUATION_FILENAME not in listing:
+            return False
+        wanted = [EVALUATION_FILENAME] + [p for p in listing if p.startswith(f"{BEST_DIR}/")]
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=run_dir))
+        try:
+            for path in wanted:
+                hf_hub_download(repo_id, path, local_dir=staging, token=token, endpoint=api.endpoint)
+            if (staging / BEST_DIR).is_dir():
+                replace_dir(staging / BEST_DIR, run_dir / BEST_DIR)
+            else:
+                shutil.rmtree(run_dir / BEST_DIR, ignore_errors=True)
+            os.replace(staging / EVALUATION_FILENAME, run_dir / EVALUATION_FILENAME)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 # -- the uploader: pushes while training, never holds up a stop or the end for long ----------------

@@ -3,9 +3,10 @@
 `follow` reads the job's log stream (huggingface_hub's fetch_job_logs, which reconnects by itself):
 lines with events.LOG_PREFIX are the trainer's events and go into the run's events.jsonl as they
 are, every other line goes into train.log, so the page shows a job exactly as a local run. When
-the job ends, the newest pushed checkpoint (and, for a finished run, the LoRA files as final/) and
-the samples come back into the run folder, and only then is `finished` / `stopped` written, so
-whatever reacts to it finds the files. A job that died without the trainer saying why is continued
+the job ends, the newest pushed checkpoint (and, for a finished run, the LoRA files as final/, and the
+evaluation after training with its pick, evaluation.json and best/) and the samples come back into the
+run folder, and only then are `evaluation` and `finished` / `stopped` written, so whatever reacts to
+them finds the files. A job that died without the trainer saying why is continued
 by a new job from the last pushed checkpoint, up to the run's max_attempts.
 """
 
@@ -28,9 +29,10 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from .. import config as config_mod
 from ..checkpoints import write_model_card
+from ..evaluate import EVALUATION_FILENAME
 from ..events import EVENTS_FILENAME, LOG_PREFIX, EventWriter, last_event
 from ..fsutil import replace_dir
-from .checkpoints import fetch_run
+from .checkpoints import fetch_evaluation, fetch_run
 from .client import HubError, resolve_token, retrying, scrub
 from .jobs import JobState, cancel, request_stop, require_state, start_attempt, stop_requested
 
@@ -55,6 +57,7 @@ class _RunWriter:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.last_event: dict[str, Any] | None = None
         self.held: dict[str, Any] | None = None  # finished / stopped: written once the files are here
+        self.evaluation: dict[str, Any] | None = None  # the evaluation after training: likewise (evaluation.json, best/)
 
     def line(self, text: str, replay: bool = False) -> dict[str, Any] | None:
         """Write one log line into the run (an event, or a train.log line); `replay`: already written, only read it."""
@@ -69,6 +72,8 @@ class _RunWriter:
                 self.last_event = event
                 if event["type"] in ("finished", "stopped"):
                     self.held = event
+                elif event["type"] == "evaluation" and event.get("file"):
+                    self.evaluation = event
                 elif not replay:
                     self.write_event(event)
                 return event
@@ -80,10 +85,15 @@ class _RunWriter:
         return None
 
     def write_held(self) -> None:
-        """The finished / stopped event, unless an earlier follower wrote it already."""
+        """The evaluation (when its files came back) and the finished / stopped event, unless an earlier follower
+        wrote them already."""
         assert self.held is not None
-        if last_event(self.run_dir / EVENTS_FILENAME, self.held["type"]) != self.held:
-            self.write_event(self.held)
+        held = [self.held]
+        if self.evaluation is not None and (self.run_dir / EVALUATION_FILENAME).is_file():
+            held.insert(0, self.evaluation)
+        for event in held:
+            if last_event(self.run_dir / EVENTS_FILENAME, event["type"]) != event:
+                self.write_event(event)
 
     def write_event(self, event: dict[str, Any]) -> None:
         with open(self.run_dir / EVENTS_FILENAME, "a", encoding="utf-8") as f:
@@ -196,7 +206,8 @@ def _after(api: HfApi, state: JobState, run_dir: Path, writer: _RunWriter, stage
     job, verdict = state.current, (writer.last_event or {}).get("type")
     if writer.held is not None:  # the trainer finished or stopped on request, and said so
         finished = writer.held["type"] == "finished"
-        checkpoint = sync_results(api, state, run_dir, token, finished=finished, step=writer.held.get("step"))
+        checkpoint = sync_results(api, state, run_dir, token, finished=finished, step=writer.held.get("step"),
+                                  evaluated=writer.evaluation is not None)
         if _step_of(checkpoint) == writer.held.get("step"):
             writer.write_held()
             state.status = "finished" if finished else "stopped"
@@ -206,7 +217,7 @@ def _after(api: HfApi, state: JobState, run_dir: Path, writer: _RunWriter, stage
         # Its last checkpoint never reached the repo (and the job's disk is gone): as good as died there.
         writer.note(f"job {job.id} {writer.held['type']} at step {writer.held.get('step')} but the repo's newest "
                     f"checkpoint is {checkpoint.name if checkpoint else 'none'}")
-        writer.held, verdict = None, None
+        writer.held, writer.evaluation, verdict = None, None, None
     where = f"Its page: {job.url}. The checkpoints pushed so far are in {state.endpoint}/{state.repo}."
     if verdict == "failed":  # the trainer's own verdict (already in events.jsonl): another job would fail the same way
         error = writer.last_event or {}
@@ -252,10 +263,11 @@ def _step_of(checkpoint: Path | None) -> int | None:
 
 
 # -- files back from the repo ---------------------------------------------------------------------
-def sync_results(api: HfApi, state: JobState, run_dir: Path, token: Any, *, finished: bool, step: int | None = None
-                 ) -> Path | None:
+def sync_results(api: HfApi, state: JobState, run_dir: Path, token: Any, *, finished: bool, step: int | None = None,
+                 evaluated: bool = False) -> Path | None:
     """Bring the newest pushed checkpoint and the samples into the run; a finished run's LoRA files as final/
-    (only from the checkpoint of the finished step)."""
+    (only from the checkpoint of the finished step) and, when the job `evaluated` the run after training, its
+    evaluation.json and recommended checkpoint best/ (what the job's runner pushed), as after a local run."""
     checkpoint = fetch_run(state.repo, run_dir, token=token, endpoint=state.endpoint)
     _sync_samples(api, state, run_dir, token)
     if finished and checkpoint is not None and (step is None or _step_of(checkpoint) == step):
@@ -266,7 +278,11 @@ def sync_results(api: HfApi, state: JobState, run_dir: Path, token: Any, *, fini
             if f.is_file() and f.name != "trainer_state.json":
                 shutil.copy2(f, tmp / f.name)
         replace_dir(tmp, run_dir / "final")
-        write_model_card(run_dir, config_mod.load(run_dir).output.name)
+        if evaluated and not fetch_evaluation(state.repo, run_dir, token=token, endpoint=state.endpoint):
+            (run_dir / "train.log").open("a").write(
+                f"[jobs] the job evaluated the run but {state.repo} holds no evaluation.json: "
+                f"run `python -m lora_trainer evaluate {run_dir}` to score its checkpoints here\n")
+        write_model_card(run_dir, config_mod.load(run_dir).output.name)  # after the evaluation: its table is in the card
     return checkpoint
 
 

@@ -9,7 +9,9 @@
    commits) and then sends the trainer SIGTERM: it finishes the step, saves and pushes a checkpoint,
    writes `stopped` and exits 0, so the job ends COMPLETED. A SIGTERM to this process (a job cancelled
    with a grace period) is passed on the same way;
-4. exits with the trainer's exit status.
+4. when the trainer finished, pushes what it wrote after its last checkpoint: the evaluation after training
+   (evaluation.json) and the recommended checkpoint (best/);
+5. exits with the trainer's exit status.
 
 The token comes from the job's HF_TOKEN secret; nothing here prints or writes it.
 """
@@ -96,7 +98,24 @@ def main(argv: list[str] | None = None) -> int:
                 stop()
             next_look = time.monotonic() + poll
     print(f"jobrunner: the trainer exited with {child.returncode}", flush=True)
+    if child.returncode == 0:
+        push_results(args.repo, Path(train_args[1]))
     return child.returncode
+
+
+def push_results(repo: str, run_dir: Path) -> None:
+    """What the trainer wrote after its last checkpoint and this job's disk would lose: the evaluation after
+    training (evaluation.json) and its pick (best/). The follower brings them into the local run folder."""
+    from .checkpoints import push_evaluation
+    from .client import scrub
+
+    try:
+        pushed = push_evaluation(run_dir, repo)
+    except Exception as e:  # noqa: BLE001 - the LoRA is pushed; the evaluation can be run again from the repo
+        print(f"jobrunner: could not push the evaluation: {scrub(str(e), os.environ.get('HF_TOKEN'))}", flush=True)
+        return
+    if pushed:
+        print(f"jobrunner: pushed the evaluation ({', '.join(pushed)})", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 
 import gradio as gr
 
+from . import system
 from .header import build_header, wire_header
 from .tabs import captions, generate, publish, rate, train, upload
 
@@ -52,6 +53,7 @@ RESTART_WATCH_JS = """
 
 
 def build_app() -> gr.Blocks:
+    ask_sign_in_for_scopes()
     with gr.Blocks(title="LoRA Studio", delete_cache=(3600, 6 * 3600)) as demo:
         shared = build_header()
         with gr.Tabs():
@@ -66,6 +68,16 @@ def build_app() -> gr.Blocks:
         wire_header(demo, shared)
         shared.finish()
     return demo
+
+
+def ask_sign_in_for_scopes() -> None:
+    """Sign-in asks for `jobs` only where the Train tab offers Jobs (system.sign_in_scopes). gradio reads
+    OAUTH_SCOPES once, when it is imported, and uses it when launch() adds the sign-in routes: set it before."""
+    import gradio.oauth
+
+    scopes = system.sign_in_scopes()
+    if scopes is not None:
+        gradio.oauth.OAUTH_SCOPES = scopes
 
 
 def launch_options(**overrides: Any) -> dict[str, Any]:

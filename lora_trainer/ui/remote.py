@@ -47,8 +47,11 @@ def flavor_choices(token: str | None) -> list[tuple[str, str]]:
 
 
 def controls() -> tuple[gr.Radio, gr.Dropdown, gr.Textbox]:
-    """Where to train, the hardware and the time limit (a row shown only where Jobs is enabled)."""
-    with gr.Row(equal_height=True, visible=system.jobs_enabled()):
+    """Where to train, the hardware and the time limit (a row shown only where Jobs is offered); where Jobs is
+    turned on but the Space's sign-in may not ask for `jobs`, a line that says how to fix it instead."""
+    gr.Markdown(system.JOBS_SCOPE_MISSING, visible=system.jobs_scope_missing(), elem_id="jobs-scope-missing",
+                elem_classes=["notice"])
+    with gr.Row(equal_height=True, visible=system.jobs_offered(), elem_id="jobs-controls"):
         where = gr.Radio(WHERE_CHOICES, value=LOCAL, label="Where to train", scale=2, elem_id="train-where",
                          info="Hugging Face Jobs trains on your account's GPU (billed per minute) while this page "
                               "follows it; on a Space, sign in first (Publish tab).")
@@ -75,7 +78,9 @@ def start_args(where: str | None, flavor: str | None, timeout: str | None, token
     """The follower's arguments when the run goes to Hugging Face Jobs; None to train on this machine."""
     if where != HF_JOBS:
         return None
-    if not system.jobs_enabled():
+    if system.jobs_scope_missing():
+        raise JobsSettingError(system.JOBS_SCOPE_MISSING.replace("**", ""))
+    if not system.jobs_offered():
         raise JobsSettingError("This app does not offer Hugging Face Jobs (LORA_STUDIO_JOBS is not set).")
     if system.space_id() and token is None:
         raise JobsSettingError(SIGN_IN)

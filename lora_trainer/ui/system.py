@@ -42,9 +42,40 @@ def oauth_available() -> bool:
 
 
 def jobs_enabled() -> bool:
-    """Whether the Train tab offers Hugging Face Jobs (LORA_STUDIO_JOBS=1). On a Space, its README's
+    """Whether the app is set to offer Hugging Face Jobs (LORA_STUDIO_JOBS=1). On a Space, its README's
     hf_oauth_scopes must then list `jobs`, so that signing in lets the app start jobs on the visitor's account."""
     return os.environ.get("LORA_STUDIO_JOBS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+JOBS_SCOPE = "jobs"  # the sign-in scope that lets the app start jobs on the visitor's account
+JOBS_SCOPE_MISSING = ("**Hugging Face Jobs is turned on (LORA_STUDIO_JOBS=1), but this Space's sign-in cannot ask for "
+                      "the `jobs` scope:** add `- jobs` under `hf_oauth_scopes` in the Space's README.md.")
+
+
+def space_scopes() -> list[str] | None:
+    """The scopes the Space lets sign-in ask for: OAUTH_SCOPES, which Spaces sets to openid, profile and the README's
+    hf_oauth_scopes (the Hub refuses any other); None where sign-in is not set up."""
+    scopes = os.environ.get("OAUTH_SCOPES")
+    return scopes.split() if scopes is not None else None
+
+
+def jobs_scope_missing() -> bool:
+    """Jobs is turned on, on a Space whose README does not let sign-in ask for `jobs`: visitors could not start jobs."""
+    return jobs_enabled() and oauth_available() and JOBS_SCOPE not in (space_scopes() or [])
+
+
+def jobs_offered() -> bool:
+    """Whether the Train tab offers Hugging Face Jobs: turned on, and (on a Space) sign-in may ask for `jobs`."""
+    return jobs_enabled() and not jobs_scope_missing()
+
+
+def sign_in_scopes() -> str | None:
+    """What sign-in asks for: the Space's scopes, `jobs` among them only where the Train tab offers Jobs
+    (a visitor is not asked to let the app run jobs it never starts); None where sign-in is not set up."""
+    scopes = space_scopes()
+    if scopes is None:
+        return None
+    return " ".join(s for s in scopes if s != JOBS_SCOPE or jobs_offered())
 
 
 def hub_endpoint() -> str | None:

@@ -464,12 +464,14 @@ def loss_frame(monitor: RunMonitor):
     """The loss plot's data, or None before the first step.
 
     Never an empty frame: the plot fixes its axis types and series colours from the first data it
-    gets, and an empty frame would leave it with category axes and invisible lines.
+    gets, and an empty frame would leave it with category axes and invisible lines. Nor one with the
+    validation loss alone (measured at step 0, before the first step's loss): the raw and smoothed
+    lines would then never be drawn (seen on a Hugging Face Jobs run, whose events arrive in bursts).
     """
     import pandas as pd
 
     rows = monitor.loss_rows()
-    if not rows:
+    if not monitor.losses:
         return None
     return pd.DataFrame({
         "step": pd.Series([r[0] for r in rows], dtype="int64"),
