@@ -135,6 +135,17 @@ def test_activations_grow_linearly_with_the_batch(sd):
     assert four == 4 * one
 
 
+@pytest.mark.parametrize("change, factor", [
+    ({"optim__preservation_weight": 1.0}, 2),  # the untriggered captions in the same UNet call
+    ({"data__reg_images": "reg"}, 2),  # as many regularization images as training images
+    ({"data__reg_images": "reg", "optim__prior_loss_weight": 0.0}, 1),
+    ({"data__reg_images": "reg", "optim__preservation_weight": 1.0}, 4),
+])
+def test_preservation_and_regularization_images_grow_the_unets_batch(sd, change, factor):
+    plain, changed = (terms(memory.estimate(config("x/sd", 512, **c), sd))["activations"] for c in ({}, change))
+    assert changed == factor * plain
+
+
 def test_training_on_the_cpu_has_no_cuda_context_and_keeps_the_encoders(sd):
     est = memory.estimate(config("stable-diffusion-v1-5/stable-diffusion-v1-5", 512), sd, device="cpu")
     t = terms(est)

@@ -217,7 +217,9 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     rows, te_acts = pivotal_terms(cfg, arch, sim_dtype)
     ema, ema_swap = ema_terms(cfg, n_lora)
     ckpt = "on" if opt.gradient_checkpointing else "off"
-    act = Term("activations", acts, f"batch {batch} at {res}x{res}, {dt}, gradient checkpointing {ckpt}")
+    samples, why = unet_batch(cfg)
+    act = Term("activations", acts, f"batch {batch}{f' ({samples} in the UNet: {why})' if why else ''} at {res}x{res}, {dt}, "
+               f"gradient checkpointing {ckpt}")
     training = [*context, unet_w, te_w, vae_w, lora_w, Term("LoRA gradients", 4 * n_lora, "fp32"), state, *rows, act, *te_acts]
     if processes > 1:
         training.append(Term("DDP gradient buckets", 4 * n_lora, f"{processes} processes"))
@@ -240,13 +242,26 @@ def estimate(cfg: TrainConfig, base: str | Architecture | None = None, *, device
     return Estimate(device, phases, ram_at_load(cfg, arch, device), arch.source, ram_training=ram_training)
 
 
+def unet_batch(cfg: TrainConfig) -> tuple[int, str]:
+    """Samples in the training step's UNet call, and why: the batch, plus as many regularization images with
+    prior preservation (prior.py), all of it twice with output preservation (the untriggered captions ride in
+    the same call, loss.py)."""
+    batch, why = cfg.optim.batch_size, []
+    if cfg.data.reg_images.strip() and cfg.optim.prior_loss_weight > 0:
+        batch, why = batch * 2, [*why, "+ as many regularization images"]
+    if cfg.optim.preservation_weight > 0:
+        batch, why = batch * 2, [*why, "x2 for output preservation"]
+    return batch, " ".join(why)
+
+
 def _activations(cfg: TrainConfig, arch: Architecture, size: int, sim_dtype: str) -> int:
     """The training step's activation peak above the weights (UNet, trained text encoders, an uncached VAE encode)."""
     opt, lora, batch = cfg.optim, cfg.lora, cfg.optim.batch_size
+    unet_samples, _ = unet_batch(cfg)
     unet, vae = arch.components["unet"], arch.components["vae"]
     area = (cfg.data.resolution / size) ** 2
     lora_spec = {"rank": lora.rank, "targets": cfg.unet_targets(), "dora": lora.use_dora}
-    acts = int(batch * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
+    acts = int(unet_samples * area * unet_training_peak(unet.config, lora_spec, 1, size, size, sim_dtype, opt.gradient_checkpointing))
     if lora.train_text_encoder:
         te_spec = {"rank": lora.rank, "targets": TEXT_ENCODER_TARGETS, "dora": lora.use_dora}
         acts += batch * sum(text_encoder_training_bytes(t.name, t.config, {**te_spec, "layers": _te_layers(arch, t.name)},
