@@ -19,6 +19,14 @@ of prompts with the trigger last (0.79 before) and 0.48 with it first (0.17), bu
 LoRA on it kept fewer untriggered prompts (0.42 of 12, against 0.75), so the committed base is the
 plain one.
 
+`--text-encoder judge-folder` makes the base read the judge's trained text tower (the same tokenizer and
+width; a trained CLIP, as SD reads OpenAI's) instead of the seeded random one. Measured (a fine-tune of
+the committed base, 500 of 2000 steps): the base followed 0.94 of plain prompts, 0.42 with the trigger
+first (0.17 before) and 0.90 with it last (0.75), but the Style preset's LoRA on it, trigger first, kept
+fewer prompts (style 0.71, adherence 0.12 with the trigger and 0.33 without, leak 0.04; 24 prompts),
+so it is not the committed base either: a LoRA on 16 of the 72 scenes does not carry its style to the
+scenes it never saw, whichever text encoder the base reads.
+
 The result is an ordinary diffusers folder (`base/`) and transformers folder (`judge/`) beside this
 file, loaded through the same from_pretrained path as any other model.
 """
@@ -282,8 +290,10 @@ def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
     return f"{words}, {caption}" if draw < 0.4 else f"{caption}, {words}" if draw < 0.6 else caption
 
 
-def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False) -> None:
-    """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder."""
+def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False,
+               text_encoder_from: Path | None = None) -> None:
+    """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder;
+    `text_encoder_from`: a CLIP folder (the judge) whose trained text tower the base reads instead."""
     import copy
 
     import torch
@@ -310,6 +320,9 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
         unet = UNet2DConditionModel.from_pretrained(init / "unet")
         text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder").eval().requires_grad_(False)
         peak, warmup = 3e-4, 100
+    if text_encoder_from is not None:  # a trained CLIP text tower, as SD reads OpenAI's: a new conditioning to learn
+        text_encoder = CLIPTextModel.from_pretrained(text_encoder_from).eval().requires_grad_(False)
+        peak, warmup = 1e-3, 200
     captions = [s.caption for s in world.SCENES] + [""]  # the last one: the empty prompt, for guidance
     fillers = filler_words(tokenizer)
     sd_schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -353,6 +366,8 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
             info = {"steps": step + 1, "seed": seed, "images": images}
             if augment_captions:
                 info["captions"] = "augmented with unrelated words"
+            if text_encoder_from is not None:
+                info["text_encoder"] = "the judge's text tower (trained CLIP), frozen"
             if init is not None:
                 info["fine_tuned_from"] = json.loads((init / "toyworld.json").read_text())
             _save_folder(pipe, folder, info)
@@ -383,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augment-captions", action="store_true", help="unrelated words around the base's captions")
     parser.add_argument("--base-init", type=Path, help="fine-tune the base from this base folder (same text encoder) "
                         "instead of training it from scratch")
+    parser.add_argument("--text-encoder", type=Path, help="a CLIP folder (e.g. the judge) whose trained text tower the "
+                        "base reads, instead of a seeded random CLIPTextModel")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
@@ -397,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     if "judge" in stages:
         train_judge(args.out, args.judge_steps, args.seed + 1)
     if "base" in stages:
-        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init, args.augment_captions)
+        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init, args.augment_captions, args.text_encoder)
     _log("build", f"done in {(time.perf_counter() - started) / 60:.1f} min")
 
 
