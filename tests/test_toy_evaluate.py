@@ -1,0 +1,78 @@
+"""The evaluation on a LoRA trained in the toy world, judged: the recommendation passes over an overcooked
+last step. One run, as a user would train it (`train`, the evaluation after training on, with the toy judge).
+
+Measured (12 prompts, trigger first): style / adherence / leak 0.50 / 0.08 / 0.25 at step 50, then 1.00 /
+0.08 / 0.83 at 100 and 1.00 / 0.08 / 0.75 at 150; the pick is step 50.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lora_trainer import toyworld
+
+STYLE = "stripes"
+# No preservation and a high learning rate: the style comes early, then takes over every prompt.
+OVERCOOKED = {"optim.learning_rate": 3e-3, "optim.steps": 150, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
+              "output.save_every": 50, "sampling.every": 0, "eval.after_training": "on", "eval.prompt_count": 12,
+              "eval.seeds": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(run, settings: dict):
+    from accelerate.state import AcceleratorState
+
+    from lora_trainer import config as config_mod
+    from lora_trainer.train import train
+
+    toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
+    cfg = config_mod.TrainConfig()
+    for key, value in {"model.base": toyworld.BASE_SPEC, "data.trigger": toyworld.TRIGGER, **settings}.items():
+        cfg.set(key, value)
+    config_mod.save(config_mod.validate(cfg), run)
+    train(run)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return json.loads((run / "evaluation.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def overcooked(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("toy-eval") / "overcooked", OVERCOOKED)
+
+
+def _rows(evaluation: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in evaluation["rows"]}
+
+
+def test_the_recommendation_passes_over_the_overcooked_last_step(overcooked):
+    rows, pick = _rows(overcooked), overcooked["recommendation"]
+    last = max((r for r in rows.values() if r["name"] != "base"), key=lambda r: r["step"])
+    assert pick["source"] == "judge"
+    assert pick["step"] < last["step"], pick["reason"]
+    chosen = rows[pick["name"]]
+    # What the judge saw: the pick has the style and keeps more of the prompt or leaks less than the last step.
+    assert chosen["judged_style_rate"] >= rows["base"]["judged_style_rate"] + 0.3
+    assert (chosen["judged_adherence_rate"] - last["judged_adherence_rate"]
+            + last["judged_leak_rate"] - chosen["judged_leak_rate"]) >= 0.2, overcooked["rows"]
+
+
+def test_best_holds_the_recommended_checkpoints_weights(overcooked, tmp_path_factory):
+    pick = overcooked["recommendation"]
+    run = next(tmp_path_factory.getbasetemp().glob("toy-eval*/overcooked"))
+    from safetensors.torch import load_file
+
+    best = load_file(run / "best" / "pytorch_lora_weights.safetensors")
+    checkpoint = load_file(run / "checkpoints" / pick["name"] / "pytorch_lora_weights.safetensors") \
+        if (run / "checkpoints" / pick["name"]).is_dir() else load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    assert best.keys() == checkpoint.keys() and all(torch.equal(best[k], checkpoint[k]) for k in best)
+
