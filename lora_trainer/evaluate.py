@@ -18,7 +18,8 @@ CLIP scores:
   1. A checkpoint is *eligible* when its adherence stays within `adherence_margin` (a fraction of
      the base's adherence) of the base's, its style is above the base's, and it leaks little: its
      leak rises over the base's leak by at most `leak_ratio` times its style gain.
-  2. The pick is the eligible checkpoint with the most style (ties: the earlier step).
+  2. The pick is the eligible checkpoint with the most style (ties: the one that leaks least, then keeps
+     the most adherence, then the earlier step).
   3. If none is eligible, the pick is the best trade-off: style gain minus the adherence lost beyond
      the margin minus the leak beyond the allowance; the reason says what no checkpoint satisfied.
   Without scores (no metric model) there is no recommendation; validation loss alone cannot pick,
@@ -221,7 +222,7 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
                 and facts[r.name]["leak_gain"] <= facts[r.name]["allowed_leak"]]
     what = "judged rates" if source == "judge" else "CLIP scores"
     if eligible:
-        pick = max(eligible, key=lambda r: (facts[r.name]["gain"], -r.step))
+        pick = max(eligible, key=lambda r: (facts[r.name]["gain"], -facts[r.name]["leak_gain"], facts[r.name]["adh"], -r.step))
         f = facts[pick.name]
         reason = (f"{_label(pick)} has the most style among the checkpoints that keep prompt adherence within "
                   f"{settings.adherence_margin:.0%} of the base model's ({f['adh']:.3f} vs base {b_adh:.3f}) and leak "

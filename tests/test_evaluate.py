@@ -129,6 +129,8 @@ RULE_CASES = {
         [BASE, ("step-000100", 100, 0.55, 0.30, 0.50), ("final", 200, 0.65, 0.30, 0.52)], "final", True),
     "a tie goes to the earlier step": (
         [BASE, ("step-000100", 100, 0.60, 0.30, 0.50), ("step-000200", 200, 0.60, 0.30, 0.50)], "step-000100", True),
+    "equal style: the one that leaks less, though later": (
+        [BASE, ("step-000100", 100, 0.80, 0.30, 0.60), ("step-000200", 200, 0.80, 0.30, 0.50)], "step-000200", True),
     "none eligible: the best trade-off": (
         [BASE, ("step-000100", 100, 0.55, 0.10, 0.50), ("step-000200", 200, 0.90, 0.12, 0.55)], "step-000200", False),
     "no style gain anywhere": (
