@@ -107,7 +107,7 @@ def calibrate(cfg: TrainConfig, base, resolution: int, steps: int = 2) -> Rates:
     params = [p for p in trained["unet"].parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    step = _time_steps(pipe.unet, params, cfg, resolution, device, steps)
+    step = _time_steps(pipe.unet, params, cfg, resolution // pipe.vae_scale_factor, device, steps)
     _time_render(pipe, cfg, resolution, 1)  # warms up: the first call pays for the first text encode and kernels
     one, three = (_time_render(pipe, cfg, resolution, n) for n in (1, 3))
     denoise = max(0.0, (three - one) / 2)
@@ -115,13 +115,18 @@ def calibrate(cfg: TrainConfig, base, resolution: int, steps: int = 2) -> Rates:
     return Rates(step, denoise, max(0.0, one - denoise), f"{steps} steps and 2 renders of this run measured on {where}", load)
 
 
-def _time_steps(unet, params, cfg: TrainConfig, resolution: int, device: str, steps: int) -> float:
+def _time_steps(unet, params, cfg: TrainConfig, latent_size: int, device: str, steps: int) -> float:
+    """Seconds per optimizer step at the UNet batch the trainer runs (memory.estimator.unet_batch: regularization
+    images and output preservation's untriggered captions ride in the same call), plus preservation's
+    base-model forward (no gradient)."""
     import torch
 
+    from .memory.estimator import unet_batch
+
     opt = torch.optim.AdamW(params, lr=cfg.optim.learning_rate)
-    batch, c = cfg.optim.batch_size, unet.config.in_channels
+    (batch, _), c = unet_batch(cfg), unet.config.in_channels
     dtype = next(p.dtype for p in unet.parameters() if not p.requires_grad)
-    latents = torch.randn(batch, c, resolution // 8, resolution // 8, device=device, dtype=dtype)
+    latents = torch.randn(batch, c, latent_size, latent_size, device=device, dtype=dtype)
     embeds = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     added = _added_cond(unet, batch, device, dtype)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
@@ -135,6 +140,11 @@ def _time_steps(unet, params, cfg: TrainConfig, resolution: int, device: str, st
             with autocast:
                 pred = unet(latents, torch.tensor([500] * batch, device=device), embeds, added_cond_kwargs=added).sample
             torch.nn.functional.mse_loss(pred.float(), latents.float()).backward()
+            if cfg.optim.preservation_weight > 0:  # the base model's prediction for the untriggered half
+                with torch.no_grad(), autocast:
+                    half = batch // 2
+                    unet(latents[:half], torch.tensor([500] * half, device=device), embeds[:half],
+                         added_cond_kwargs=_added_cond(unet, half, device, dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
