@@ -11,7 +11,9 @@ and `--preset Style` train; `--preset none`: a plain 300-step run), then `--set`
 lora.rank=4,16` trains one LoRA per value, everything else equal (the same steps and batch: equal
 compute unless the field itself changes the cost). `--checkpoints` scores every saved checkpoint
 too, to see where a run overcooks; the checkpoint the evaluation recommends (`best/`) is scored
-whenever the run made one. The first row is the base model alone.
+whenever the run made one. The first row is the base model alone. `--make-reg DIR` first writes
+regularization images for prior preservation (the base's own pictures of the scenes no evaluation prompt
+names): `--make-reg /tmp/reg --compare data.reg_images=,/tmp/reg` measures it on versus off.
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ def train_variant(
     return run, time.perf_counter() - started
 
 
+def make_reg_folder(folder: Path, base: str) -> Path:
+    """Regularization images as DreamBooth makes them: the base model's own pictures (seed 0) of every scene
+    whose caption is not an evaluation prompt, with those captions (so nothing the bench judges is in them)."""
+    from lora_trainer.inference import Generator
+    from lora_trainer.toyworld import SCENES, SIZE, split
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = Generator(base)
+    for i, scene in enumerate(s for s in SCENES if split(s) != "eval"):
+        gen.generate(scene.caption, [], seed=0, steps=20, guidance=7.0, size=SIZE).save(folder / f"reg-{i:03d}.png")
+        (folder / f"reg-{i:03d}.txt").write_text(scene.caption)
+    return folder
+
+
 def _best_step(run: Path) -> str:
     import json
 
@@ -78,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position", default="first", choices=["first", "last"], help="where the trigger goes in captions and prompts")
     p.add_argument("--checkpoints", action="store_true", help="score every saved checkpoint as well as final/")
     p.add_argument("--keep", type=Path, help="keep the runs in this folder")
+    p.add_argument("--make-reg", type=Path, metavar="DIR", help="first write regularization images (the base's pictures "
+                   "of the scenes no evaluation prompt names) to DIR, for --set/--compare data.reg_images=DIR")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from lora_trainer.presets import preset_settings
+
+    if args.make_reg:
+        print(f"regularization images: {len(list(make_reg_folder(args.make_reg, args.base).glob('*.png')))} in {args.make_reg}")
 
     start = QUICK if args.preset == "none" else {k: str(v) for k, v in preset_settings(args.preset, toyworld.BASE_SPEC).items()}
     common = {**start, "optim.seed": str(args.seed)}

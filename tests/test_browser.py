@@ -126,12 +126,16 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     wait_until(lambda: caption_file.read_text() == "ohwx, a card with dark stripes")
     shot(page, "2-captions")
 
-    # Train: the default preset on the tiny model, shortened; a loss point and a sample image appear.
+    # Train: the default preset on the default base (the toy world's on a CPU), shortened; a loss point and a sample image appear.
     open_tab(page, "3 · Train")
     page.locator("#cfg-optim-steps input").fill("600")
     page.get_by_text("Advanced: every setting").click()
     page.locator("#cfg-sampling-steps input").fill("4")
     page.locator("#cfg-sampling-steps input").press("Tab")
+    # The evaluation after training (on by default for the toy base) scores 7 checkpoints: tests/test_toy_evaluate.py
+    # and test_evaluate.py own it; here it would only lengthen the wait for "Finished".
+    page.locator("#cfg-eval-after_training input").click()
+    page.get_by_role("option", name="off", exact=True).click()
     page.get_by_text("Advanced: every setting").click()
     page.locator("#check-run").click()
     page.get_by_text("Check passed").wait_for()

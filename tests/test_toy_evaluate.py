@@ -1,5 +1,6 @@
-"""The evaluation on a LoRA trained in the toy world, judged: the recommendation passes over an overcooked
-last step. One run, as a user would train it (`train`, the evaluation after training on, with the toy judge).
+"""The evaluation on LoRAs trained in the toy world, judged: the recommendation passes over an overcooked
+last step, and a LoRA trained on captions without its trigger leaks where one trained with it does not.
+Each run as a user would train it (`train`, the evaluation after training on, with the toy judge).
 
 Measured (12 prompts, trigger first): style / adherence / leak 0.50 / 0.08 / 0.25 at step 50, then 1.00 /
 0.08 / 0.83 at 100 and 1.00 / 0.08 / 0.75 at 150; the pick is step 50.
@@ -29,13 +30,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _train(run, settings: dict):
+def _train(run, settings: dict, *, trigger_in_captions: bool = True):
     from accelerate.state import AcceleratorState
 
     from lora_trainer import config as config_mod
     from lora_trainer.train import train
 
     toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
+    if not trigger_in_captions:
+        for caption in (run / "dataset").glob("*.txt"):
+            caption.write_text(caption.read_text().replace(f"{toyworld.TRIGGER}, ", ""))
     cfg = config_mod.TrainConfig()
     for key, value in {"model.base": toyworld.BASE_SPEC, "data.trigger": toyworld.TRIGGER, **settings}.items():
         cfg.set(key, value)
@@ -48,6 +52,19 @@ def _train(run, settings: dict):
 @pytest.fixture(scope="module")
 def overcooked(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("toy-eval") / "overcooked", OVERCOOKED)
+
+
+# The Style preset's way (lr 1e-3, output preservation) against the same pictures captioned without the trigger,
+# where preservation has nothing to take out. Measured, leak at steps 50 / 100: 0.25 / 0.25 against 0.83 / 0.75.
+SHORT = {**OVERCOOKED, "optim.learning_rate": 1e-3, "optim.steps": 100}
+
+
+@pytest.fixture(scope="module")
+def leak_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy-leak")
+    triggered = _train(root / "triggered", {**SHORT, "optim.preservation_weight": 1.0})
+    untriggered = _train(root / "untriggered", SHORT, trigger_in_captions=False)
+    return triggered, untriggered
 
 
 def _rows(evaluation: dict) -> dict[str, dict]:
@@ -76,3 +93,12 @@ def test_best_holds_the_recommended_checkpoints_weights(overcooked, tmp_path_fac
         if (run / "checkpoints" / pick["name"]).is_dir() else load_file(run / "final" / "pytorch_lora_weights.safetensors")
     assert best.keys() == checkpoint.keys() and all(torch.equal(best[k], checkpoint[k]) for k in best)
 
+
+def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(leak_pair):
+    def mean(evaluation: dict, key: str) -> float:
+        rows = [r for r in evaluation["rows"] if r["name"] != "base"]
+        return sum(r[key] for r in rows) / len(rows)
+
+    triggered, untriggered = leak_pair
+    assert mean(triggered, "judged_style_rate") >= 0.5  # it learned the style ...
+    assert mean(untriggered, "judged_leak_rate") >= mean(triggered, "judged_leak_rate") + 0.3  # ... and keeps it to the trigger
