@@ -5,7 +5,7 @@ how often to render samples and save checkpoints, and the caption style the app 
 preset keeps the prompt with output preservation (preservation.py): measured on the toy world, it
 cut the style without the trigger from 0.71 to 0.04 of the pictures at the same steps.
 
-The Style preset's values on the toy world come from the sweep in `bench/quality.py` (README,
+The Style preset's values on the toy world come from `bench/quality.py` and the sweep in `bench/sweep.py` (README,
 "Quality"); on real models they follow the same rules scaled by resolution: the same number of
 optimizer steps per image seen at the same batch, and the learning rate of AdamW LoRA practice at
 512 / 1024 px (1e-4), since a real UNet's attention layers are ~100x wider than the toy base's and
