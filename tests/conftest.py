@@ -13,6 +13,18 @@ os.environ.setdefault("LORA_STUDIO_CACHE", str(Path(__file__).resolve().parent.p
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a loaded 2-core machine two torch threads spin against each other: one is ~10x faster here.
+    A module that trains in-process takes it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_images(folder: Path, count: int = 4, *, captions: bool = True, sizes=((64, 64), (96, 64), (64, 96), (80, 80))) -> Path:
     """`count` distinct striped images (various aspect ratios) with 'ohwx, ...' captions."""
     import numpy as np

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_images, tiny_config
 
 from lora_trainer import config as config_mod
@@ -33,13 +32,7 @@ from lora_trainer.train import train
 FAST = {"steps": 2, "prompt_count": 2, "seeds": 2, "validation_images": 2, "validation_timesteps": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a loaded 2-core machine two torch threads spin against each other: one is ~10x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ OVERCOOKED = {"optim.learning_rate": 3e-3, "optim.steps": 150, "optim.batch_size
               "eval.seeds": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(run, settings: dict, *, trigger_in_captions: bool = True):
