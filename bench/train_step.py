@@ -51,7 +51,7 @@ def floor_seconds_per_step(images: Path, args) -> float:
 
     from lora_trainer import dataset as ds
     from lora_trainer import models
-    from lora_trainer.train import encode_text
+    from lora_trainer.batch import encode_text
 
     base = models.resolve(args.base)
     pipe = models.load_pipeline(base)

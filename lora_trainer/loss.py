@@ -16,7 +16,8 @@ from .preservation import adapters_disabled
 from .timesteps import sample_timesteps
 
 if TYPE_CHECKING:
-    from .train import Batch, Trainables
+    from .batch import Batch
+    from .train import Trainables
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet of a base can be trained to predict

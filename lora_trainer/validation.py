@@ -92,7 +92,7 @@ def validation_loss(unet, text_encoders: list, tokenizers: list, vset: Validatio
     import torch
     import torch.nn.functional as F
 
-    from .train import encode_text
+    from .batch import encode_text
 
     if not vset.cases:
         raise ValueError("the validation set is empty")

@@ -125,7 +125,8 @@ def test_the_loss_trains_on_the_configured_timesteps():
 
     from diffusers import DDPMScheduler
 
-    from lora_trainer.train import Batch, compute_loss
+    from lora_trainer.batch import Batch
+    from lora_trainer.loss import compute_loss
 
     t = SimpleNamespace(noise_scheduler=DDPMScheduler(), unet=lambda noisy, timesteps, embeds, **kw: (noisy * 0.5,))
     batch = Batch(latents=torch.randn(256, 4, 8, 8, generator=torch.Generator().manual_seed(1)), embeds=torch.zeros(256, 77, 32))

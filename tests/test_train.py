@@ -218,7 +218,7 @@ def _stub_trainables(prediction_type: str = "epsilon"):
 
 
 def _batch(n: int = 4):
-    from lora_trainer.train import Batch
+    from lora_trainer.batch import Batch
 
     return Batch(latents=torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1)), embeds=torch.zeros(n, 77, 32))
 
