@@ -403,7 +403,7 @@ def test_starting_without_images_says_to_upload_first(url, tmp_path):
 
 def test_a_reloaded_page_takes_back_its_session_and_a_forged_one_gets_nothing(tmp_path, monkeypatch):
     from lora_trainer.ui.header import restore_session
-    from lora_trainer.ui.tabs.train import full_view
+    from lora_trainer.ui.live import full_view
     from lora_trainer.ui.workspace import Session
 
     monkeypatch.setenv("LORA_STUDIO_WORKSPACE", str(tmp_path))
@@ -610,7 +610,7 @@ def test_a_finished_dora_run_tells_a1111_users_not_to_use_it_on_train_and_publis
 
 def test_a_plain_lora_has_no_a1111_warning(trained):
     from lora_trainer.ui.monitor import RunMonitor, Status
-    from lora_trainer.ui.tabs.train import status_markdown
+    from lora_trainer.ui.live import status_markdown
 
     monitor = RunMonitor(trained[2])
     monitor.update()

@@ -159,7 +159,7 @@ def test_shutdown_stops_local_trainers_but_leaves_hugging_face_jobs_training(man
 
 
 def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path):
-    from lora_trainer.ui.tabs.train import status_markdown
+    from lora_trainer.ui.live import status_markdown
 
     run = make_run(tmp_path, "a", mode="linger")
     manager.submit(run)
@@ -175,7 +175,7 @@ def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(
 
 
 def test_a_resumed_run_reads_starting_until_its_new_attempt_starts(manager, tmp_path):
-    from lora_trainer.ui.tabs.train import status_markdown
+    from lora_trainer.ui.live import status_markdown
 
     run = make_run(tmp_path, "a")
     old = {"type": "stopped", "step": 7, "time": time.time() - 60}  # the previous attempt's end
@@ -304,7 +304,7 @@ def test_the_loss_plot_has_raw_and_smoothed_series():
 
 
 def test_validation_events_are_plotted_as_their_own_series_next_to_the_training_loss(tmp_path):
-    from lora_trainer.ui.tabs.train import loss_frame
+    from lora_trainer.ui.live import loss_frame
 
     events = [{"type": "started", "step": 0, "total_steps": 4}]
     events += [{"type": "step", "step": s, "total_steps": 4, "loss": 1.0 / s} for s in range(1, 5)]
@@ -322,7 +322,7 @@ def test_validation_events_are_plotted_as_their_own_series_next_to_the_training_
 
 def test_the_loss_plot_waits_for_the_first_steps_loss_not_only_step_0s_validation_loss():
     """The plot fixes its series from its first data: validation alone would hide the training loss for good."""
-    from lora_trainer.ui.tabs.train import loss_frame
+    from lora_trainer.ui.live import loss_frame
 
     monitor = RunMonitor(Path("unused"))
     monitor.val_losses = {0: 1.1}
