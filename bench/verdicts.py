@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=12, help="how many evaluation prompts")
     p.add_argument("--position", default="first", choices=["first", "last"])
     p.add_argument("--train-captions", type=Path, metavar="RUN", help="draw RUN/dataset's captions instead")
+    p.add_argument("--negative", default="", help="negative prompt of the triggered pictures ({trigger}: the trigger)")
     p.add_argument("--base", default="builtin:toy")
     p.add_argument("--grid", type=Path, default=Path("verdicts.png"))
     args = p.parse_args(argv)
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for triggered in (True, False):
         asked = [with_trigger(q, TRIGGER, args.position) if triggered else q for q in prompts]
-        images = [gen.generate(a, loras, seed=0, steps=20, guidance=args.guidance, size=SIZE) for a in asked]
+        negative = args.negative.replace("{trigger}", TRIGGER) if triggered else ""
+        images = [gen.generate(a, loras, seed=0, steps=20, guidance=args.guidance, size=SIZE, negative_prompt=negative)
+                  for a in asked]
         rows.append(images)
         verdicts = judge(images)
         for q, v in zip(prompts, verdicts, strict=True):

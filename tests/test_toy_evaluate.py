@@ -1,9 +1,14 @@
-"""The evaluation on LoRAs trained in the toy world, judged: the recommendation passes over an overcooked
-last step, and a LoRA trained on captions without its trigger leaks where one trained with it does not.
+"""The evaluation on LoRAs trained in the toy world, judged: the recommendation on a run without preservation is
+a judged checkpoint with the style that says what no checkpoint kept, and a LoRA trained on captions without its
+trigger leaks where one trained with it does not.
 Each run as a user would train it (`train`, the evaluation after training on, with the toy judge).
 
-Measured (12 prompts, trigger first): style / adherence / leak 0.50 / 0.08 / 0.25 at step 50, then 1.00 /
-0.08 / 0.83 at 100 and 1.00 / 0.08 / 0.75 at 150; the pick is step 50.
+Measured on the toy base before its tune stage (12 prompts, trigger first): style / adherence / leak 0.50 / 0.08 /
+0.25 at step 50, then 1.00 / 0.08 / 0.83 at 100 and 1.00 / 0.08 / 0.75 at 150; the pick was step 50. On the
+current base, which reads past the trigger, a run without preservation takes longer to show the style (0.00 /
+0.58 / 0.25 at 50, 0.67 / 0.42 / 0.75 at 100, 0.75 / 0.42 / 0.67 at 150; at lr 1e-2 or 250 steps the style and the
+leak keep rising together), so its last step is no longer worse than the others by the rule, and the pick is the
+best trade-off. Passing over an overcooked last step is `test_evaluate.py`'s, on rows made to show it.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ def overcooked(tmp_path_factory):
 
 
 # The Style preset's way (lr 1e-3, output preservation) against the same pictures captioned without the trigger,
-# where preservation has nothing to take out. Measured, leak at steps 50 / 100: 0.25 / 0.25 against 0.83 / 0.75.
-SHORT = {**OVERCOOKED, "optim.learning_rate": 1e-3, "optim.steps": 100}
+# where preservation has nothing to take out. With preservation the style shows between steps 100 and 300 on this
+# base, so the runs are judged at 150 and 300. Measured: style 0.33 / 1.00 and leak 0.00 / 0.00, against leak
+# 0.67 / 0.83 without the trigger in the captions.
+SHORT = {**OVERCOOKED, "optim.learning_rate": 1e-3, "optim.steps": 300, "output.save_every": 150}
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +73,14 @@ def _rows(evaluation: dict) -> dict[str, dict]:
     return {row["name"]: row for row in evaluation["rows"]}
 
 
-def test_the_recommendation_passes_over_the_overcooked_last_step(overcooked):
+def test_the_recommendation_on_a_run_without_preservation_is_judged_and_says_what_it_lacks(overcooked):
     rows, pick = _rows(overcooked), overcooked["recommendation"]
-    last = max((r for r in rows.values() if r["name"] != "base"), key=lambda r: r["step"])
     assert pick["source"] == "judge"
-    assert pick["step"] < last["step"], pick["reason"]
     chosen = rows[pick["name"]]
-    # What the judge saw: the pick has the style and keeps more of the prompt or leaks less than the last step.
+    # What the judge saw: the pick has the style; every checkpoint lost the prompt, and the reason says so.
     assert chosen["judged_style_rate"] >= rows["base"]["judged_style_rate"] + 0.3
-    assert (chosen["judged_adherence_rate"] - last["judged_adherence_rate"]
-            + last["judged_leak_rate"] - chosen["judged_leak_rate"]) >= 0.2, overcooked["rows"]
+    assert not pick["eligible"] and "loses more than" in pick["reason"], pick["reason"]
+    assert all(r["judged_adherence_rate"] < rows["base"]["judged_adherence_rate"] for n, r in rows.items() if n != "base")
 
 
 def test_best_holds_the_recommended_checkpoints_weights(overcooked, tmp_path_factory):
@@ -95,5 +100,6 @@ def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(leak_pair
         return sum(r[key] for r in rows) / len(rows)
 
     triggered, untriggered = leak_pair
-    assert mean(triggered, "judged_style_rate") >= 0.5  # it learned the style ...
+    last = max((r for r in triggered["rows"] if r["name"] != "base"), key=lambda r: r["step"])
+    assert last["judged_style_rate"] >= 0.5  # it learned the style ...
     assert mean(untriggered, "judged_leak_rate") >= mean(triggered, "judged_leak_rate") + 0.3  # ... and keeps it to the trigger

@@ -1,7 +1,7 @@
 """Train the toy world's base model and judge from scratch: `python -m lora_trainer.toyworld.build`.
 
-Seeded and reproducible on CPU; about 40 minutes on 2 cores. Stages, each saved as it finishes
-(`--stages vae,judge,base` reruns some; later stages load the earlier ones from the output folder):
+Seeded and reproducible on CPU; about 1 h 40 min on 2 cores. Stages, each saved as it finishes
+(`--stages vae,judge,base,tune` reruns some; later stages load the earlier ones from the output folder):
 
 1. vae   - an AutoencoderKL (2x downsampling, 4 latent channels) on scenes and generic textures,
            so it can also draw what the base model never saw (a style);
@@ -9,23 +9,20 @@ Seeded and reproducible on CPU; about 40 minutes on 2 cores. Stages, each saved 
            style against the whole caption grammar: the world's metric model and judge;
 3. base  - a UNet2DConditionModel trained on plain scenes only (epsilon prediction, SD's noise
            schedule, 10 % empty captions for classifier-free guidance, EMA), reading a CLIPTextModel
-           that stays frozen at its seeded random initialisation (its features still tell every
-           word apart; freezing it halves the cost of a step on a CPU).
+           frozen at its seeded random initialisation (freezing it halves the cost of a step on a CPU);
+4. tune  - the base fine-tuned (2000 steps) with its text encoder training alongside, on captions with
+           one to four unrelated words before (40 %) or after (20 %) them (`augment`), both averaged (EMA).
 
-`--augment-captions` puts one or two unrelated words before or after the base's captions 40 % / 20 %
-of the time (`augment`), so the base learns to read past a word it does not know. Measured (a
-fine-tune of the committed base, `--base-init base --base-steps 1500`): the base then followed 0.92
-of prompts with the trigger last (0.79 before) and 0.48 with it first (0.17), but the Style preset's
-LoRA on it kept fewer untriggered prompts (0.42 of 12, against 0.75), so the committed base is the
-plain one.
-
-`--text-encoder judge-folder` makes the base read the judge's trained text tower (the same tokenizer and
-width; a trained CLIP, as SD reads OpenAI's) instead of the seeded random one. Measured (a fine-tune of
-the committed base, 500 of 2000 steps): the base followed 0.94 of plain prompts, 0.42 with the trigger
-first (0.17 before) and 0.90 with it last (0.75), but the Style preset's LoRA on it, trigger first, kept
-fewer prompts (style 0.71, adherence 0.12 with the trigger and 0.33 without, leak 0.04; 24 prompts),
-so it is not the committed base either: a LoRA on 16 of the 72 scenes does not carry its style to the
-scenes it never saw, whichever text encoder the base reads.
+Why the tune stage: SD's text encoder lets a prompt's content through a word it does not know put in
+front of it ("ohwx, a red house"); a random one does not. Its near-uniform attention averages every
+earlier token into each word's features, so a leading "ohwx, " moved the content features to a cosine
+of 0.81 with the plain caption's (further than two different captions are from each other, 0.91), and
+the base followed only 0.17 of triggered prompts (0.96 untriggered): a toy flaw that hid what a LoRA
+method does to triggered prompts. Zero or smooth position embeddings do not fix it (0.78, 0.83). After
+the tune stage the features keep a cosine of 0.96 and the base follows 0.88 of triggered prompts (0.92
+untriggered, on the 24 evaluation prompts). Measured and not kept: the augmented captions with the text
+encoder frozen (`--augment-captions` alone: 0.48 triggered), and the judge's trained text tower
+(`--text-encoder judge`: 0.42); their Style LoRAs kept fewer untriggered prompts.
 
 The result is an ordinary diffusers folder (`base/`) and transformers folder (`judge/`) beside this
 file, loaded through the same from_pretrained path as any other model.
@@ -277,12 +274,10 @@ def filler_words(tokenizer) -> list[str]:
 
 
 def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
-    """A scene caption with one to three unrelated words before it (40 %) or after it (20 %).
-
-    SD's text encoder lets a prompt's content through a rare word put in front of it ("ohwx, a red house"); a
-    frozen random one does not, and a base trained on bare captions loses the scene when a trigger word comes
-    first (it followed 17 % of such prompts). Seeing unknown words around its captions, the base learns to read
-    past them, as SD does, so a LoRA's trigger word is a word to learn and not a derailed prompt."""
+    """A scene caption with one to four unrelated words (one or two comma-separated groups) before it (40 %) or
+    after it (20 %). Seeing unknown words around its captions, the base (and, in the tune stage, its text
+    encoder) learns to read past them, as SD does, so a LoRA's trigger word is a word to learn and not a
+    derailed prompt (module docstring)."""
     if not caption:
         return caption
     words = ", ".join(" ".join(rng.choice(fillers) for _ in range(rng.randint(1, 2))) for _ in range(rng.randint(1, 2)))
@@ -291,9 +286,10 @@ def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
 
 
 def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False,
-               text_encoder_from: Path | None = None) -> None:
+               text_encoder_from: Path | None = None, train_text_encoder: bool = False) -> None:
     """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder;
-    `text_encoder_from`: a CLIP folder (the judge) whose trained text tower the base reads instead."""
+    `text_encoder_from`: a CLIP folder (the judge) whose trained text tower the base reads instead;
+    `train_text_encoder`: the text encoder trains with the UNet (and is averaged with it)."""
     import copy
 
     import torch
@@ -313,6 +309,7 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
     vae = AutoencoderKL.from_pretrained(out / ".build-vae").eval()
     scene_ids, latents = _encode_dataset(vae, images, rng)
     _log("base", f"encoded {len(latents)} scenes, latent std {latents.std().item():.3f}")
+    init_info = json.loads((init / "toyworld.json").read_text()) if init is not None else None
     if init is None:
         unet, text_encoder = make_unet(), CLIPTextModel(_text_config(tokenizer)).eval().requires_grad_(False)
         peak, warmup = 1e-3, 300
@@ -327,9 +324,15 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
     fillers = filler_words(tokenizer)
     sd_schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     noise_scheduler = DDPMScheduler(**sd_schedule)
-    params = list(unet.parameters())
+    if train_text_encoder:
+        text_encoder.train().requires_grad_(True)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
+    pairs = list(zip(ema_unet.parameters(), unet.parameters(), strict=True))
+    if train_text_encoder:
+        pairs += list(zip(ema_text.parameters(), text_encoder.parameters(), strict=True))
     batch = 64
     for step in range(steps):
         for group in opt.param_groups:
@@ -340,7 +343,7 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
         caption_ids[torch.rand(batch) < 0.1] = len(world.SCENES)  # 10 % unconditional
         texts = [augment(captions[i], rng, fillers) if augment_captions else captions[i] for i in caption_ids.tolist()]
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
+        with torch.set_grad_enabled(train_text_encoder):
             embeds = text_encoder(ids)[0]
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, 1000, (batch,))
@@ -352,14 +355,14 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
         opt.step()
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pl in zip(ema_unet.parameters(), unet.parameters(), strict=True):
+            for pe, pl in pairs:
                 pe.lerp_(pl, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             _log("base", f"step {step}/{steps} loss {loss.item():.4f}")
         if (step + 1) % 500 == 0 or step == steps - 1:  # snapshots, to judge the base while it trains
             folder = out / ("base" if step == steps - 1 else f".build-base-{step + 1}")
             pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema_unet,
+                vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
                 scheduler=EulerDiscreteScheduler(**sd_schedule, timestep_spacing="leading", steps_offset=1),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
@@ -368,8 +371,10 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
                 info["captions"] = "augmented with unrelated words"
             if text_encoder_from is not None:
                 info["text_encoder"] = "the judge's text tower (trained CLIP), frozen"
+            if train_text_encoder:
+                info["text_encoder"] = "trained with the UNet" + (" from the judge's text tower" if text_encoder_from else "")
             if init is not None:
-                info["fine_tuned_from"] = json.loads((init / "toyworld.json").read_text())
+                info["fine_tuned_from"] = init_info
             _save_folder(pipe, folder, info)
             _log("base", f"saved {folder}")
 
@@ -390,16 +395,18 @@ def _save_folder(pipe, folder: Path, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="folder for vae/, judge/ and base/ (default: beside this file)")
-    parser.add_argument("--stages", default="vae,judge,base")
+    parser.add_argument("--stages", default="vae,judge,base,tune")
     parser.add_argument("--vae-steps", type=int, default=1600)
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--base-steps", type=int, default=4000)
+    parser.add_argument("--tune-steps", type=int, default=2000)
     parser.add_argument("--images", type=int, default=24000, help="plain scenes the base trains on")
     parser.add_argument("--augment-captions", action="store_true", help="unrelated words around the base's captions")
     parser.add_argument("--base-init", type=Path, help="fine-tune the base from this base folder (same text encoder) "
                         "instead of training it from scratch")
     parser.add_argument("--text-encoder", type=Path, help="a CLIP folder (e.g. the judge) whose trained text tower the "
                         "base reads, instead of a seeded random CLIPTextModel")
+    parser.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
@@ -414,7 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     if "judge" in stages:
         train_judge(args.out, args.judge_steps, args.seed + 1)
     if "base" in stages:
-        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init, args.augment_captions, args.text_encoder)
+        train_base(args.out, args.base_steps, args.seed + 2, args.images, args.base_init, args.augment_captions, args.text_encoder,
+                   args.train_text_encoder)
+    if "tune" in stages:  # the committed base: reads past a word it does not know (module docstring)
+        train_base(args.out, args.tune_steps, args.seed + 2, args.images, init=args.out / "base", augment_captions=True,
+                   train_text_encoder=True)
     _log("build", f"done in {(time.perf_counter() - started) / 60:.1f} min")
 
 
