@@ -21,7 +21,8 @@ CLIP scores:
   2. The pick is the eligible checkpoint with the most style (ties: the one that leaks least, then keeps
      the most adherence, then the earlier step).
   3. If none is eligible, the pick is the best trade-off: style gain minus the adherence lost beyond
-     the margin minus the leak beyond the allowance; the reason says what no checkpoint satisfied.
+     the margin minus the leak beyond the allowance (ties as in 2); the reason says what no checkpoint
+     satisfied.
   Without scores (no metric model) there is no recommendation; validation loss alone cannot pick,
   since on the training images it keeps falling as the LoRA overcooks.
 
@@ -233,7 +234,7 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
             reason += (f". Later {_label(worse)} has more style (+{facts[worse.name]['gain']:.3f}) but "
                        + ("loses prompt adherence" if facts[worse.name]["adh"] < floor else "leaks into prompts without the trigger"))
         return Recommendation(pick.name, pick.step, reason, source, True)
-    pick = max(others, key=lambda r: (facts[r.name]["trade"], -r.step))
+    pick = max(others, key=lambda r: (facts[r.name]["trade"], -facts[r.name]["leak_gain"], facts[r.name]["adh"], -r.step))
     f = facts[pick.name]
     why = []
     if all(facts[r.name]["gain"] <= 0 for r in others):

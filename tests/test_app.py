@@ -609,8 +609,8 @@ def test_a_finished_dora_run_tells_a1111_users_not_to_use_it_on_train_and_publis
 
 
 def test_a_plain_lora_has_no_a1111_warning(trained):
-    from lora_trainer.ui.monitor import RunMonitor, Status
     from lora_trainer.ui.live import status_markdown
+    from lora_trainer.ui.monitor import RunMonitor, Status
 
     monitor = RunMonitor(trained[2])
     monitor.update()

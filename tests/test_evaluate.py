@@ -126,6 +126,8 @@ RULE_CASES = {
         [BASE, ("step-000100", 100, 0.80, 0.30, 0.60), ("step-000200", 200, 0.80, 0.30, 0.50)], "step-000200", True),
     "none eligible: the best trade-off": (
         [BASE, ("step-000100", 100, 0.55, 0.10, 0.50), ("step-000200", 200, 0.90, 0.12, 0.55)], "step-000200", False),
+    "none eligible, equal trade-offs: the one that leaks less, though later": (
+        [BASE, ("step-000100", 100, 0.90, 0.10, 0.55), ("step-000200", 200, 0.90, 0.10, 0.50)], "step-000200", False),
     "no style gain anywhere": (
         [BASE, ("step-000100", 100, 0.49, 0.30, 0.50), ("step-000200", 200, 0.40, 0.30, 0.50)], "step-000100", False),
 }
@@ -236,3 +238,4 @@ def test_dinov2_can_measure_style(run, tmp_path):
     dino_rows = evaluate_run(run, fast(clip_model=TINY_CLIP, style_model="dinov2", dino_model=str(dino)), "final")
     assert dino_rows[1].adherence == clip_rows[1].adherence  # adherence is always CLIP's
     assert isinstance(dino_rows[1].style, float) and dino_rows[1].style != clip_rows[1].style
+

@@ -44,8 +44,8 @@ def test_any_other_error_is_a_short_note_that_the_files_are_kept():
 
 def test_the_training_status_shows_the_trainers_warnings(tmp_path):
     from lora_trainer.events import EventWriter
-    from lora_trainer.ui.monitor import RunMonitor, Status
     from lora_trainer.ui.live import status_markdown
+    from lora_trainer.ui.monitor import RunMonitor, Status
 
     writer = EventWriter(tmp_path / "events.jsonl")
     writer.emit("started", step=4, total_steps=10, warnings=[
