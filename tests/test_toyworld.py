@@ -120,7 +120,7 @@ def test_without_the_trigger_the_lora_still_draws_what_the_prompt_asks(scores):
     base, lora = scores
     assert base.adherence_untriggered >= 0.85
     # One training seed on 12 prompts: the Style preset keeps 0.42 here and 0.71-0.92 of 24 prompts at other
-    # seeds and thread counts (README); a LoRA without preservation keeps about a quarter.
+    # seeds and thread counts (README); without preservation, trained until its style shows, a quarter (0.25).
     assert lora[1.0].adherence_untriggered >= 0.35
 
 
