@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora_trainer.toyworld import sample_prompts as toy_prompts  # noqa: E402
 
 run = Path(sys.argv[1])
 out = Path(sys.argv[2])
@@ -19,8 +20,6 @@ first, last = steps[0], steps[-1]
 imgs0 = sorted(first.glob("*.png"))
 imgs1 = sorted(last.glob("*.png"))
 cfg = tomllib.loads((run / "config.toml").read_text())
-from lora_trainer.toyworld import sample_prompts as toy_prompts  # noqa: E402
-
 sample_prompts = cfg["sampling"]["prompts"] or toy_prompts()
 trigger = cfg["data"]["trigger"]
 texts = [p.replace("{trigger}", trigger) for p in sample_prompts]

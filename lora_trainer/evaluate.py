@@ -219,11 +219,15 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
                 "trade": gain - max(0.0, floor - adh) - max(0.0, leak - b_leak - allowed_leak)}
 
     facts = {r.name: judged(r) for r in others}
+
+    def ties(row: Row) -> tuple:  # between equal picks: the one that leaks least, then keeps more adherence, then earlier
+        return -facts[row.name]["leak_gain"], facts[row.name]["adh"], -row.step
+
     eligible = [r for r in others if facts[r.name]["gain"] > 0 and facts[r.name]["adh"] >= floor
                 and facts[r.name]["leak_gain"] <= facts[r.name]["allowed_leak"]]
     what = "judged rates" if source == "judge" else "CLIP scores"
     if eligible:
-        pick = max(eligible, key=lambda r: (facts[r.name]["gain"], -facts[r.name]["leak_gain"], facts[r.name]["adh"], -r.step))
+        pick = max(eligible, key=lambda r: (facts[r.name]["gain"], *ties(r)))
         f = facts[pick.name]
         reason = (f"{_label(pick)} has the most style among the checkpoints that keep prompt adherence within "
                   f"{settings.adherence_margin:.0%} of the base model's ({f['adh']:.3f} vs base {b_adh:.3f}) and leak "
@@ -234,7 +238,7 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
             reason += (f". Later {_label(worse)} has more style (+{facts[worse.name]['gain']:.3f}) but "
                        + ("loses prompt adherence" if facts[worse.name]["adh"] < floor else "leaks into prompts without the trigger"))
         return Recommendation(pick.name, pick.step, reason, source, True)
-    pick = max(others, key=lambda r: (facts[r.name]["trade"], -facts[r.name]["leak_gain"], facts[r.name]["adh"], -r.step))
+    pick = max(others, key=lambda r: (facts[r.name]["trade"], *ties(r)))
     f = facts[pick.name]
     why = []
     if all(facts[r.name]["gain"] <= 0 for r in others):

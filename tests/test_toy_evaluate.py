@@ -21,7 +21,7 @@ import torch
 from lora_trainer import toyworld
 
 STYLE = "stripes"
-# No preservation and a high learning rate: the style comes early, then takes over every prompt.
+# No preservation and a high learning rate: the style and the leak rise together (module docstring).
 OVERCOOKED = {"optim.learning_rate": 3e-3, "optim.steps": 150, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
               "output.save_every": 50, "sampling.every": 0, "eval.after_training": "on", "eval.prompt_count": 12,
               "eval.seeds": 1}
