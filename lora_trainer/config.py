@@ -153,6 +153,13 @@ class OptimSection:
         "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step).",
         min=0.0, max=100.0,
     )
+    train_guidance: float = _f(
+        0.0, "Guidance-sized training (with output preservation): the triggered prediction trains as the base model's "
+        "plus this many times the LoRA's change, so the LoRA learns 1/this of the change. Classifier-free guidance at "
+        "scale g multiplies a preserved LoRA's change by g, which overcooks the style (colours wash out, shapes break); "
+        "sized this way it arrives g/this times. 1 or less = off; 3 measured at guidance 7 (README, toy world).",
+        min=0.0, max=20.0,
+    )
     prior_loss_weight: float = _f(
         1.0, "Prior preservation: the regularization images' loss is added at this weight to the training images' "
         "(DreamBooth's prior_loss_weight; 1 is typical, 0 = they train nothing). Only with data.reg_images.",

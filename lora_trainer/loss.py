@@ -130,6 +130,12 @@ def compute_loss(
     # Predict the noise (or velocity) with the UNet + LoRA (and, for output preservation, the same noisy
     # latents with the untriggered captions, in the same call).
     pred, preserved = _predict(t, batch, noisy, timesteps)
+    if preserved is not None and t.train_guidance > 1:
+        # Guidance-sized training: sampling draws u + g * (c - u), and output preservation keeps the unconditional
+        # u and the untriggered c the base's, so the LoRA's change to the triggered c arrives g times over. Train
+        # that change k times over here (base + k * change), and guidance g brings it in g / k times.
+        base = preserved[1]
+        pred = base + t.train_guidance * (pred - base)
     # Mean squared error per image, optionally Min-SNR weighted.
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
     weights = min_snr_weights(t.noise_scheduler, timesteps, opt.min_snr_gamma) if opt.min_snr_gamma else None

@@ -74,6 +74,7 @@ ROWS: dict[str, tuple] = {
     "output.push_checkpoints_to": ("someone/checkpoints", {}, "uploads"),
     "optim.preservation_weight": (1.0, {}, "weights"),
     "optim.preservation_class": ("shape", {"optim.preservation_weight": 1.0}, "weights"),
+    "optim.train_guidance": (3.0, {"optim.preservation_weight": 1.0}, "weights"),
     "optim.lora_plus_ratio": (16.0, {}, "weights"),
     "optim.timestep_sampling": ("logit_normal", {}, "weights"),
     "optim.logit_mean": (1.0, {"optim.timestep_sampling": "logit_normal"}, "weights"),

@@ -1,5 +1,6 @@
-"""Training methods beyond plain LoRA: LoRA+, timestep sampling, EMA. Each changes what it claims, on real runs
-of the tiny built-in models, and a run using them resumes to exactly the weights of an uninterrupted one."""
+"""Training methods beyond plain LoRA: LoRA+, timestep sampling, EMA, guidance-sized preservation. Each changes
+what it claims, on real runs of the tiny built-in models (guidance-sized training on the toy world:
+test_toyworld.py), and a run using them all resumes to exactly the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from lora_trainer.timesteps import sample_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True}
-ALL_METHODS = {"optim__lora_plus_ratio": 16.0, "optim__timestep_sampling": "logit_normal", "optim__ema_decay": 0.9}
+ALL_METHODS = {"optim__lora_plus_ratio": 16.0, "optim__timestep_sampling": "logit_normal", "optim__ema_decay": 0.9,
+               "optim__preservation_weight": 1.0, "optim__train_guidance": 3.0}
 
 
 def run_training(tmp_path: Path, name: str, images: Path, listeners=(), **overrides) -> Path:
