@@ -19,6 +19,7 @@ IDLE = {
     "lora.embedding_init": ("painting", {}, {"lora.trigger_vectors": 1}),
     "optim.warmup_steps": (5, {"optim.lr_scheduler": "constant"}, {"optim.lr_scheduler": "constant_with_warmup"}),
     "optim.preservation_class": ("shape", {}, {"optim.preservation_weight": 1.0}),
+    "optim.train_guidance": (3.0, {}, {"optim.preservation_weight": 1.0}),
     "optim.prior_loss_weight": (0.5, {}, {"data.reg_images": "images"}),
     "data.reg_caption": ("a shape", {}, {"data.reg_images": "images"}),
     "data.reg_images": ("images", {"optim.prior_loss_weight": 0.0}, {"optim.prior_loss_weight": 1.0}),

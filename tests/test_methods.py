@@ -24,8 +24,8 @@ from lora_trainer.timesteps import sample_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 SDXL = {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True}
-ALL_METHODS = {"optim__lora_plus_ratio": 16.0, "optim__timestep_sampling": "logit_normal", "optim__ema_decay": 0.9,
-               "optim__preservation_weight": 1.0, "optim__train_guidance": 3.0}
+ALL_METHODS = {"optim__lora_plus_ratio": 16.0, "optim__timestep_sampling": "logit_normal", "optim__ema_decay": 0.9}
+SIZED = {"optim__preservation_weight": 1.0, "optim__train_guidance": 3.0}  # guidance-sized output preservation
 
 
 def run_training(tmp_path: Path, name: str, images: Path, listeners=(), **overrides) -> Path:
@@ -200,7 +200,8 @@ def stop_at(step: int):
     return listener
 
 
-@pytest.mark.parametrize("settings", [{}, {**SDXL, "lora__trigger_vectors": 1}], ids=["sd", "sdxl+text-encoders+pivotal"])
+@pytest.mark.parametrize("settings", [{}, {**SDXL, "lora__trigger_vectors": 1}, SIZED],
+                         ids=["sd", "sdxl+text-encoders+pivotal", "sd+guidance-sized-preservation"])
 def test_a_stopped_run_with_every_method_resumes_to_the_uninterrupted_weights(tmp_path, settings):
     images = make_images(tmp_path / "images")
     common = {"optim__steps": 6, **ALL_METHODS, **settings}
