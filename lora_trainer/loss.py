@@ -131,9 +131,9 @@ def compute_loss(
     # latents with the untriggered captions, in the same call).
     pred, preserved = _predict(t, batch, noisy, timesteps)
     if preserved is not None and t.train_guidance > 1:
-        # Guidance-sized training: sampling draws u + g * (c - u), and output preservation keeps the unconditional
-        # u and the untriggered c the base's, so the LoRA's change to the triggered c arrives g times over. Train
-        # that change k times over here (base + k * change), and guidance g brings it in g / k times.
+        # Guidance-sized training: sampling draws u + g * (c - u), and output preservation keeps untriggered
+        # predictions (the empty prompt's u among them) the base's, so the LoRA's change to the triggered c arrives
+        # g times over. Train that change k times over here (base + k * change): guidance g brings it in g / k times.
         base = preserved[1]
         pred = base + t.train_guidance * (pred - base)
     # Mean squared error per image, optionally Min-SNR weighted.
