@@ -141,8 +141,6 @@ def test_strength_zero_gives_the_base_models_picture(style_run):
     assert np.abs(base - on).mean() > 5
 
 
-
-
 # -- guidance-sized training -----------------------------------------------------------------------
 # Measured (README, "Guidance-sized training"): at lr 3e-3 the Style preset's run draws the style on every triggered
 # prompt and keeps 0.08-0.17 of them (seeds 0-2, 24 prompts); trained 3 times over it keeps 0.54-0.71.
