@@ -187,6 +187,11 @@ class OptimSection:
         "(final/ and every checkpoint's) and the samples are the averaged weights.", min=0.0, max=0.99999,
     )
 
+    @property
+    def guidance_sizing(self) -> float:
+        """Guidance-sized training's k (train_guidance), or 0.0 when it is off (1 or less sizes nothing)."""
+        return self.train_guidance if self.train_guidance > 1 else 0.0
+
 
 @dataclass
 class SamplingSection:

@@ -130,7 +130,7 @@ def compute_loss(
     # Predict the noise (or velocity) with the UNet + LoRA (and, for output preservation, the same noisy
     # latents with the untriggered captions, in the same call).
     pred, preserved = _predict(t, batch, noisy, timesteps)
-    if preserved is not None and t.train_guidance > 1:
+    if preserved is not None and t.train_guidance:
         # Guidance-sized training: sampling draws u + g * (c - u), and output preservation keeps untriggered
         # predictions (the empty prompt's u among them) the base's, so the LoRA's change to the triggered c arrives
         # g times over. Train that change k times over here (base + k * change): guidance g brings it in g / k times.

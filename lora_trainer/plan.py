@@ -145,7 +145,7 @@ def idle_settings(cfg: TrainConfig) -> list[tuple[str, str]]:
          "is ignored by the constant schedule; use lr_scheduler = constant_with_warmup"),
         ("optim.preservation_class", bool(opt.preservation_class.strip()) and opt.preservation_weight == 0,
          "only applies with optim.preservation_weight above 0"),
-        ("optim.train_guidance", opt.train_guidance > 1 and opt.preservation_weight == 0,
+        ("optim.train_guidance", bool(opt.guidance_sizing) and opt.preservation_weight == 0,
          "only applies with optim.preservation_weight above 0 (it sizes the change against the base's prediction)"),
         ("optim.prior_loss_weight", opt.prior_loss_weight != 1.0 and not d.reg_images.strip(), "only applies with data.reg_images"),
         ("data.reg_caption", bool(d.reg_caption.strip()) and not d.reg_images.strip(), "only applies with data.reg_images"),
