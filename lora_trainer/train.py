@@ -247,7 +247,7 @@ class Trainables:
     cache_text: bool
     preserve_weight: float = 0.0  # output preservation's weight (0: off)
     preserve_class: str = ""  # the word that stands in for the trigger in preservation captions
-    train_guidance: float = 0.0  # guidance-sized training: the LoRA's change to the triggered prediction counts this many times (0: off)
+    train_guidance: float = 0.0  # guidance-sized training's k: the LoRA's triggered change counts k times (0: off)
     ema: Any = None  # the LoRA weights' moving average (ema.py); None when off or not the main process
     pivotal: Pivotal | None = None  # the trigger's learned embeddings (pivotal tuning), None when off
     latent_cache: dict = field(default_factory=dict)  # (item, flipped) -> (latent, crop top-left)
