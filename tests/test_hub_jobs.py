@@ -28,6 +28,7 @@ from lora_trainer.hub import HubError, client, jobmonitor, jobrunner, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "alice/lora-studio-run"
+STEPS = 60  # the end-to-end run's
 IDLE = 120  # seconds without any progress (see Cli.progress) before a wait counts as hung
 # The evaluation after training, on in the job (auto leaves it off for the tiny model on a CPU), cheap: random tiny CLIP.
 EVALUATE = {"eval__after_training": "on", "eval__clip_model": TINY_CLIP, "eval__steps": 2, "eval__prompt_count": 2,
@@ -41,10 +42,10 @@ def server(tmp_path):
         yield hub
 
 
-def new_run(tmp_path: Path, steps: int, **settings) -> Path:
+def new_run(tmp_path: Path, steps: int, save_every: int = 2, **settings) -> Path:
     """A run folder with its own dataset/, as the app or `train --images` leaves it."""
     run = tmp_path / "run"
-    cfg = tiny_config(tmp_path / "unused", optim__steps=steps, output__save_every=2, **settings)
+    cfg = tiny_config(tmp_path / "unused", optim__steps=steps, output__save_every=save_every, **settings)
     cfg.set("data.images", "dataset")
     config_mod.save(cfg, run)
     make_images(run / "dataset")
@@ -101,7 +102,9 @@ class Cli:
 
 @pytest.fixture
 def cli(server, tmp_path):
-    follower = Cli(server, new_run(tmp_path, steps=20, **EVALUATE), tmp_path)
+    # The stop is sent at the first checkpoint (step 6) and reaches the job through the Hub a few seconds later:
+    # 54 steps of slack (with 20 steps the run once finished before the stop arrived).
+    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=6, **EVALUATE), tmp_path)
     yield follower
     follower.close()
 
@@ -121,7 +124,7 @@ def test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back
     proc.send_signal(signal.SIGTERM)
     assert cli.finish(proc) == 0, cli.report()
     stopped = [e for e in events_of(run) if e["type"] == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["step"] < 20
+    assert len(stopped) == 1 and stopped[0]["step"] < STEPS
     assert first.stage == "COMPLETED"
     assert jobs.job_state(run).status == "stopped"
     assert (run / stopped[0]["checkpoint"] / "trainer_state.json").is_file()
@@ -147,13 +150,13 @@ def test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back
     # 4. The files: in the repo, and in the run folder as after a local run, the evaluation after training and its
     #    pick (best/) too: Generate, `push --checkpoint best` and Publish find them where a local run has them.
     files = server.repos[REPO].files
-    assert "checkpoints/step-000020/pytorch_lora_weights.safetensors" in files
+    assert f"checkpoints/step-{STEPS:06d}/pytorch_lora_weights.safetensors" in files
     assert (run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == files[
-        "checkpoints/step-000020/pytorch_lora_weights.safetensors"]
+        f"checkpoints/step-{STEPS:06d}/pytorch_lora_weights.safetensors"]
     evaluation = json.loads((run / "evaluation.json").read_text())
     pick = evaluation["recommendation"]["name"]
     assert events_of(run)[-2]["best"] == pick and evaluation["rows"][0]["name"] == "base"
-    assert {r["name"] for r in evaluation["rows"][1:]} >= {"step-000020"}  # the job's checkpoints, scored there
+    assert {r["name"] for r in evaluation["rows"][1:]} >= {f"step-{STEPS:06d}"}  # the job's checkpoints, scored there
     best = sorted(p.name for p in (run / "best").iterdir())
     kohya = f"{config_mod.load(run).output.name}.safetensors"
     assert best == sorted(["evaluation.json", "lora_info.json", "pytorch_lora_weights.safetensors", kohya]), best
