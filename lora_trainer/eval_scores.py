@@ -127,14 +127,13 @@ class Scorer:
 
         s = self.settings
         loras = [] if lora is None else [LoraSpec(str(lora), s.strength)]
-        on, off, texts = [], [], []
-        for prompt in self.prompts:
-            for k in range(s.seeds):
-                kwargs = dict(seed=s.seed + k, steps=s.steps, guidance=s.guidance, size=self.size)
-                on.append(self.gen.generate(with_trigger(prompt, self.trigger), loras, **kwargs))
-                off.append(self.gen.generate(prompt, loras, **kwargs) if self.trigger else on[-1])
-                texts.append(prompt)
-        return on, off, texts
+        texts = [prompt for prompt in self.prompts for _ in range(s.seeds)]
+        seeds = [s.seed + k for _ in self.prompts for k in range(s.seeds)]
+        asked = [with_trigger(t, self.trigger) for t in texts] + (texts if self.trigger else [])
+        images = self.gen.generate_many(asked, seeds * (2 if self.trigger else 1), loras, steps=s.steps,
+                                        guidance=s.guidance, size=self.size)
+        on = images[: len(texts)]
+        return on, images[len(texts) :] or on, texts
 
     def scores(self, lora: Path | None, name: str) -> dict[str, Any]:
         if self.clip is None:

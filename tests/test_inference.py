@@ -87,6 +87,21 @@ def test_a_long_session_keeps_only_the_most_recent_loras_loaded(two_runs, monkey
     assert np.array_equal(image(gen, [LoraSpec(str(files[0]), 1.0)]), first)  # reloaded on demand, same image
 
 
+def test_a_batch_of_prompts_and_seeds_draws_what_one_call_each_draws(two_runs, monkeypatch):
+    """generate_many (what the evaluation draws with) gives each (prompt, seed) the image generate() gives it,
+    in order, whether the batch holds all of them or is cut into calls."""
+    gen = Generator("builtin:tiny-sd")
+    loras = [LoraSpec(str(two_runs[0]), 1.0)]
+    prompts, seeds = ["ohwx, stripes", "ohwx, a dot", "stripes"], [5, 6, 5]
+    alone = [np.asarray(gen.generate(p, loras, seed=s, steps=3), dtype=np.int16) for p, s in zip(prompts, seeds, strict=True)]
+    assert gen.batch_size(gen.default_size) > len(prompts)
+    for per_call in (len(prompts), 2):
+        monkeypatch.setattr(Generator, "batch_size", lambda self, size, n=per_call: n)
+        batch = [np.asarray(im, dtype=np.int16) for im in gen.generate_many(prompts, seeds, loras, steps=3)]
+        assert len(batch) == 3 and all(np.abs(a - b).max() <= 1 for a, b in zip(alone, batch, strict=True)), per_call
+    assert np.abs(alone[0] - alone[1]).max() > 8 and np.abs(alone[0] - alone[2]).max() > 8  # prompts and seeds differ
+
+
 # -- fusing and the memory options ---------------------------------------------------------------------
 def test_one_lora_is_fused_and_gives_the_unfused_image(two_runs):
     import lora_trainer.inference as inference

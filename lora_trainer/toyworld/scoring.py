@@ -25,7 +25,8 @@ def _generator(base: str):
 
 
 def _pictures(gen, prompts: list[str], seeds: list[int], loras=None, *, steps: int, guidance: float):
-    return [gen.generate(p, loras or [], seed=s, steps=steps, guidance=guidance, size=SIZE) for p in prompts for s in seeds]
+    asked = [(p, s) for p in prompts for s in seeds]
+    return gen.generate_many([p for p, _ in asked], [s for _, s in asked], loras, steps=steps, guidance=guidance, size=SIZE)
 
 
 def base_quality(base: str = BASE_SPEC, per_scene: int = 2, *, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE) -> dict:
