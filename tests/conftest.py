@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LORA_STUDIO_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lora-studio"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs in two processes (pytest-xdist, `addopts` in pyproject.toml), one per core: a process (and any
+# trainer it starts) that also spread torch over both cores would spin against the other. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The modules that take minutes, slowest first: xdist hands whole modules (--dist loadscope) to its workers in
+# collection order, so these start first and the two workers finish together (the rest fill in around them).
+SLOW_MODULES = ["test_browser.py", "test_toy_evaluate.py", "test_toyworld.py", "test_cli.py", "test_app.py", "test_memory.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))  # stable: order within a module kept
 
 
 @pytest.fixture(scope="module")

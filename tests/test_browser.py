@@ -58,8 +58,11 @@ def studio(tmp_path_factory):
 
 
 def shot(page, name: str) -> None:
+    """A full-page screenshot in test-artifacts/, written whole (another process may be reading the folder)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    part = ARTIFACTS / f".{name}.png.part"
+    part.write_bytes(page.screenshot(full_page=True))
+    os.replace(part, ARTIFACTS / f"{name}.png")
 
 
 PROGRESS_JS = """() => [document.querySelector('#train-status')?.innerText || '',
@@ -126,12 +129,14 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     wait_until(lambda: caption_file.read_text() == "ohwx, a card with dark stripes")
     shot(page, "2-captions")
 
-    # Train: the default preset on the default base (the toy world's on a CPU), shortened; a loss point and a sample image appear.
+    # Train: the default preset on the default base (the toy world's on a CPU), shortened; a loss point and a sample image
+    # appear. The first samples come at step 20 and Stop is pressed then: 180 steps before the run could finish.
     open_tab(page, "3 · Train")
-    page.locator("#cfg-optim-steps input").fill("600")
+    page.locator("#cfg-optim-steps input").fill("200")
     page.get_by_text("Advanced: every setting").click()
-    page.locator("#cfg-sampling-steps input").fill("4")
-    page.locator("#cfg-sampling-steps input").press("Tab")
+    for field, value in (("sampling-every", "20"), ("sampling-steps", "4")):
+        page.locator(f"#cfg-{field} input").fill(value)
+        page.locator(f"#cfg-{field} input").press("Tab")
     # The evaluation after training (on by default for the toy base) scores 7 checkpoints: tests/test_toy_evaluate.py
     # and test_evaluate.py own it; here it would only lengthen the wait for "Finished".
     page.locator("#cfg-eval-after_training input").click()
@@ -153,7 +158,7 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     page.reload()
     open_tab(page, "3 · Train")
     page.locator("#train-status").get_by_text("Stopped at step", exact=False).wait_for()
-    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '600'")
+    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '200'")
 
     # Generate with the stopped run's checkpoint: LoRA off and on side by side.
     open_tab(page, "4 · Generate")
