@@ -1,6 +1,6 @@
 """The evaluation on LoRAs trained in the toy world, judged: the recommendation on a run without preservation is
-a judged checkpoint with the style that says what no checkpoint kept, and a LoRA trained on captions without its
-trigger leaks where one trained with it does not.
+a judged checkpoint with the style that says what no checkpoint kept (that a LoRA trained on captions without its
+trigger leaks where the Style preset's does not is `test_toyworld.py`'s, on the preset's run trained there).
 Each run as a user would train it (`train`, the evaluation after training on, with the toy judge).
 
 Measured on the toy base before its tune stage (12 prompts, trigger first): style / adherence / leak 0.50 / 0.08 /
@@ -30,16 +30,13 @@ OVERCOOKED = {"optim.learning_rate": 3e-3, "optim.steps": 150, "optim.batch_size
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _train(run, settings: dict, *, trigger_in_captions: bool = True):
+def _train(run, settings: dict):
     from accelerate.state import AcceleratorState
 
     from lora_trainer import config as config_mod
     from lora_trainer.train import train
 
     toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
-    if not trigger_in_captions:
-        for caption in (run / "dataset").glob("*.txt"):
-            caption.write_text(caption.read_text().replace(f"{toyworld.TRIGGER}, ", ""))
     cfg = config_mod.TrainConfig()
     for key, value in {"model.base": toyworld.BASE_SPEC, "data.trigger": toyworld.TRIGGER, **settings}.items():
         cfg.set(key, value)
@@ -52,21 +49,6 @@ def _train(run, settings: dict, *, trigger_in_captions: bool = True):
 @pytest.fixture(scope="module")
 def overcooked(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("toy-eval") / "overcooked", OVERCOOKED)
-
-
-# The Style preset's way (lr 1e-3, output preservation) against the same pictures captioned without the trigger,
-# where preservation has nothing to take out. With preservation the style shows between steps 100 and 300 on this
-# base, so the runs are judged at 150 and 300. Measured: style 0.33 / 1.00 and leak 0.00 / 0.00, against leak
-# 0.67 / 0.83 without the trigger in the captions.
-SHORT = {**OVERCOOKED, "optim.learning_rate": 1e-3, "optim.steps": 300, "output.save_every": 150}
-
-
-@pytest.fixture(scope="module")
-def leak_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-leak")
-    triggered = _train(root / "triggered", {**SHORT, "optim.preservation_weight": 1.0})
-    untriggered = _train(root / "untriggered", SHORT, trigger_in_captions=False)
-    return triggered, untriggered
 
 
 def _rows(evaluation: dict) -> dict[str, dict]:
@@ -92,14 +74,3 @@ def test_best_holds_the_recommended_checkpoints_weights(overcooked, tmp_path_fac
     checkpoint = load_file(run / "checkpoints" / pick["name"] / "pytorch_lora_weights.safetensors") \
         if (run / "checkpoints" / pick["name"]).is_dir() else load_file(run / "final" / "pytorch_lora_weights.safetensors")
     assert best.keys() == checkpoint.keys() and all(torch.equal(best[k], checkpoint[k]) for k in best)
-
-
-def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(leak_pair):
-    def mean(evaluation: dict, key: str) -> float:
-        rows = [r for r in evaluation["rows"] if r["name"] != "base"]
-        return sum(r[key] for r in rows) / len(rows)
-
-    triggered, untriggered = leak_pair
-    last = max((r for r in triggered["rows"] if r["name"] != "base"), key=lambda r: r["step"])
-    assert last["judged_style_rate"] >= 0.5  # it learned the style ...
-    assert mean(untriggered, "judged_leak_rate") >= mean(triggered, "judged_leak_rate") + 0.3  # ... and keeps it to the trigger

@@ -70,7 +70,7 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
 STYLE = "stripes"
 
 
-def train_style_lora(run, **settings):
+def train_style_lora(run, *, trigger_in_captions: bool = True, **settings):
     """A LoRA trained with the Style preset (and `settings`) on 16 pictures of a style, as a user would."""
     from accelerate.state import AcceleratorState
 
@@ -79,6 +79,9 @@ def train_style_lora(run, **settings):
     from lora_trainer.train import train
 
     toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
+    if not trigger_in_captions:
+        for caption in (run / "dataset").glob("*.txt"):
+            caption.write_text(caption.read_text().replace(f"{toyworld.TRIGGER}, ", ""))
     cfg = config_mod.TrainConfig()
     for key, value in {**preset_settings("Style", toyworld.BASE_SPEC), "model.base": toyworld.BASE_SPEC,
                        "sampling.every": 0, "eval.after_training": "off", **settings}.items():
@@ -91,9 +94,13 @@ def train_style_lora(run, **settings):
     return run
 
 
+# The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts.
+EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "output.save_every": 150}
+
+
 @pytest.fixture(scope="module")
 def style_run(tmp_path_factory):
-    return train_style_lora(tmp_path_factory.mktemp("toy") / "style")
+    return train_style_lora(tmp_path_factory.mktemp("toy") / "style", **EVALUATED)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +146,31 @@ def test_strength_zero_gives_the_base_models_picture(style_run):
                      for loras in ([], [lora], [LoraSpec(lora.path, 1.0)]))
     assert np.abs(base - off).max() <= 1
     assert np.abs(base - on).mean() > 5
+
+
+# The Style preset's run against the same pictures captioned without the trigger, trained without preservation (with
+# nothing to take the trigger out of, it has nothing to preserve). Measured: style 0.33 / 1.00 and leak 0.00 / 0.00
+# at steps 150 / 300, against leak 0.67 / 0.83 without the trigger in the captions.
+@pytest.fixture(scope="module")
+def untriggered_run(tmp_path_factory):
+    return train_style_lora(tmp_path_factory.mktemp("toy") / "untriggered", trigger_in_captions=False,
+                            **EVALUATED, **{"optim.preservation_weight": 0.0})
+
+
+def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(style_run, untriggered_run):
+    """What the evaluation after training measures (evaluation.json, the judge's rates) tells the two apart."""
+    import json
+
+    def checkpoints(run) -> list[dict]:
+        rows = json.loads((run / "evaluation.json").read_text())["rows"]
+        return [r for r in rows if r["name"] != "base"]
+
+    def mean_leak(run) -> float:
+        return sum(r["judged_leak_rate"] for r in checkpoints(run)) / len(checkpoints(run))
+
+    last = max(checkpoints(style_run), key=lambda r: r["step"])
+    assert last["judged_style_rate"] >= 0.5  # it learned the style ...
+    assert mean_leak(untriggered_run) >= mean_leak(style_run) + 0.3  # ... and keeps it to the trigger
 
 
 # -- guidance-sized training -----------------------------------------------------------------------
