@@ -246,6 +246,22 @@ def test_bench_gpu_tiny_prints_the_table_and_the_estimate_holds_on_a_real_cpu_st
             assert abs(error) <= 20, line
 
 
+def test_the_shipped_simulations_are_current_and_are_what_the_simulation_computes(sd):
+    """The plans' simulations ship with the package (bench/memory_table.py writes them): a stale table would
+    quietly cost every plan its simulations again, a wrong one would misplan."""
+    import json
+
+    from lora_trainer.memory import simulate
+
+    table = json.loads(simulate.TABLE.read_text())
+    assert table["versions"] == simulate._versions(), "made with other versions: run python bench/memory_table.py"
+    assert len(table["results"]) >= 40
+    args = ("vae", json.dumps(sd.components["vae"].config, sort_keys=True), 1, 512, 512, "fp32", "encode", False)
+    key = simulate.cache_key("_inference", args)  # caching latents at 512 px: every SD 1.5 plan needs it
+    assert key in simulate.shipped()
+    assert simulate.shipped()[key] == simulate._inference.__wrapped__(*args) > 0
+
+
 @pytest.mark.parametrize("base, precision, variant, expected", [
     ("stabilityai/stable-diffusion-xl-base-1.0", "bf16", "", "fp16"),  # published with fp16 files
     ("stabilityai/stable-diffusion-xl-base-1.0", "no", "", ""),  # fp32 training reads the fp32 files

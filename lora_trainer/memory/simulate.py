@@ -34,20 +34,53 @@ _LOWER = ("linear", "conv1d", "conv2d", "matmul", "__matmul__", "mm", "bmm", "ba
 _FP32 = ("group_norm", "layer_norm", "softmax", "log_softmax", "mse_loss", "exp", "pow", "rsqrt")
 
 
+TABLE = Path(__file__).with_name("simulations.json")  # shipped results (bench/memory_table.py writes it)
+FRESH_ENV = "LORA_STUDIO_FRESH_SIMULATIONS"  # set (to anything): ignore the shipped table, simulate everything
+
+
+def _versions() -> dict[str, Any]:
+    """What a result depends on besides its arguments. torch's local tag (+cpu, +cu128) is dropped: the
+    meta device runs the same code in every build, so a table made on a CPU serves a GPU host too."""
+    import diffusers
+    import peft
+    import torch
+
+    return {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "simulation": _SIM_VERSION}
+
+
+def cache_key(fn_name: str, args: tuple) -> str:
+    v = _versions()
+    return hashlib.sha256(json.dumps([fn_name, list(args), v["torch"], v["diffusers"], v["peft"],
+                                      v["simulation"]]).encode()).hexdigest()[:32]
+
+
+@functools.cache
+def shipped() -> dict[str, int]:
+    """The table shipped with the package: the simulations the presets' plans on common cards need, for
+    SD 1.5 and SDXL, so `check` and the plan at train start need none of them. Empty when it was made
+    with other library versions (every key would miss anyway)."""
+    if os.environ.get(FRESH_ENV):
+        return {}
+    try:
+        table = json.loads(TABLE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table["results"] if table.get("versions") == _versions() else {}
+
+
 def _disk_cached(fn):
-    """Remember results in memory and in the model cache folder: a simulation takes seconds, its result
-    never changes for the same inputs and library versions."""
+    """Remember results in memory, in the table shipped with the package and in the model cache folder:
+    a simulation takes seconds, its result never changes for the same inputs and library versions."""
     memo: dict[str, int] = {}
 
     @functools.wraps(fn)
     def wrapper(*args):
-        import diffusers
-        import peft
-        import torch
-
-        key = hashlib.sha256(json.dumps([fn.__name__, args, torch.__version__, diffusers.__version__, peft.__version__,
-                                         _SIM_VERSION]).encode()).hexdigest()[:32]
+        key = cache_key(fn.__name__, args)
         if key in memo:
+            return memo[key]
+        if key in shipped():
+            memo[key] = shipped()[key]
             return memo[key]
         from ..tiny import cache_root
 
