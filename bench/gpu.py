@@ -241,6 +241,9 @@ def measure(spec: str, parts: dict, row: Row, device: str, steps: int) -> Row:
     if device == "cpu" and (row.optimizer == "adamw8bit" or row.dtype == "fp16"):
         row.note = "needs CUDA"
         return row
+    if device == "cpu" and row.dtype == "bf16" and row.setup == "diffusers":
+        row.note = "not on a CPU"  # bf16 autocast on a CPU is slow and unlike CUDA's: no comparison to make
+        return row
     step, cleanup, optimizer = make_step(parts, row, device)
     step()  # warm-up: the optimizer state is created, kernels are chosen, one-time caches fill
     if device == "cuda":

@@ -102,9 +102,9 @@ class Cli:
 
 @pytest.fixture
 def cli(server, tmp_path):
-    # The stop is sent at the first checkpoint (step 6) and reaches the job through the Hub a few seconds later:
-    # 54 steps of slack (with 20 steps the run once finished before the stop arrived).
-    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=6, **EVALUATE), tmp_path)
+    # The stop is sent at the first checkpoint (step 15) and reaches the job through the Hub a few seconds later:
+    # 45 steps of slack (with 20 steps the run once finished before the stop arrived).
+    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=15, **EVALUATE), tmp_path)
     yield follower
     follower.close()
 
