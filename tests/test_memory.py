@@ -255,11 +255,11 @@ def test_the_shipped_simulations_are_current_and_are_what_the_simulation_compute
 
     table = json.loads(simulate.TABLE.read_text())
     assert table["versions"] == simulate._versions(), "made with other versions: run python bench/memory_table.py"
-    assert len(table["results"]) >= 40
+    assert len(table["results"]) >= 30
     args = ("vae", json.dumps(sd.components["vae"].config, sort_keys=True), 1, 512, 512, "fp32", "encode", False)
     key = simulate.cache_key("_inference", args)  # caching latents at 512 px: every SD 1.5 plan needs it
-    assert key in simulate.shipped()
-    assert simulate.shipped()[key] == simulate._inference.__wrapped__(*args) > 0
+    assert key in table["results"] and key in simulate.shipped()  # shipped() serves it unless told to simulate afresh
+    assert table["results"][key] == simulate._inference.__wrapped__(*args) > 0
 
 
 @pytest.mark.parametrize("base, precision, variant, expected", [
