@@ -18,8 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The modules that take minutes, slowest first (measured under two workers): xdist hands whole modules to its
 # workers in collection order (--dist loadscope --no-loadscope-reorder), so these start first and the two workers
 # finish together, the quick modules filling in around them.
-SLOW_MODULES = ["test_toyworld.py", "test_cli.py", "test_browser.py", "test_hub_jobs.py", "test_memory.py", "test_app.py",
-                "test_jobs_ui.py", "test_toy_evaluate.py"]
+SLOW_MODULES = ["test_toyworld.py", "test_toy_sizing.py", "test_cli.py", "test_browser.py", "test_hub_jobs.py",
+                "test_memory.py", "test_app.py", "test_jobs_ui.py", "test_toy_evaluate.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,6 @@
 """Training methods beyond plain LoRA: LoRA+, timestep sampling, EMA, guidance-sized preservation. Each changes
 what it claims, on real runs of the tiny built-in models (guidance-sized training on the toy world:
-test_toyworld.py), and a run using them all resumes to exactly the weights of an uninterrupted one."""
+test_toy_sizing.py), and a run using them all resumes to exactly the weights of an uninterrupted one."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from toy_runs import STYLE, train_style_lora
 
 from lora_trainer import toyworld
 from lora_trainer.toyworld import world
@@ -67,33 +68,6 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
 
 
 # -- LoRAs judged in the world ----------------------------------------------------------------------
-STYLE = "stripes"
-
-
-def train_style_lora(run, *, trigger_in_captions: bool = True, **settings):
-    """A LoRA trained with the Style preset (and `settings`) on 16 pictures of a style, as a user would."""
-    from accelerate.state import AcceleratorState
-
-    from lora_trainer import config as config_mod
-    from lora_trainer.presets import preset_settings
-    from lora_trainer.train import train
-
-    toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
-    if not trigger_in_captions:
-        for caption in (run / "dataset").glob("*.txt"):
-            caption.write_text(caption.read_text().replace(f"{toyworld.TRIGGER}, ", ""))
-    cfg = config_mod.TrainConfig()
-    for key, value in {**preset_settings("Style", toyworld.BASE_SPEC), "model.base": toyworld.BASE_SPEC,
-                       "sampling.every": 0, "eval.after_training": "off", **settings}.items():
-        cfg.set(key, value)
-    config_mod.save(config_mod.validate(cfg), run)
-    try:
-        train(run)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return run
-
-
 # The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts.
 EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "output.save_every": 150}
 
@@ -171,52 +145,3 @@ def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(style_run
     last = max(checkpoints(style_run), key=lambda r: r["step"])
     assert last["judged_style_rate"] >= 0.5  # it learned the style ...
     assert mean_leak(untriggered_run) >= mean_leak(style_run) + 0.3  # ... and keeps it to the trigger
-
-
-# -- guidance-sized training -----------------------------------------------------------------------
-# Measured (README, "Guidance-sized training"): at lr 3e-3 the Style preset's run draws the style on every triggered
-# prompt and keeps 0.08-0.17 of them (seeds 0-2, 24 prompts); trained 3 times over it keeps 0.54-0.71.
-SIZING = {"optim.learning_rate": 3e-3}
-
-
-@pytest.fixture(scope="module")
-def sizing_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-sizing")
-    sized = train_style_lora(root / "sized", **SIZING, **{"optim.train_guidance": 3.0})
-    unsized = train_style_lora(root / "unsized", **SIZING)
-    return tuple(run / "final" / "pytorch_lora_weights.safetensors" for run in (sized, unsized))
-
-
-def _triggered_change(lora_file) -> float:
-    """Mean |LoRA model - base model| of the noise predicted for triggered evaluation prompts, on fixed noisy latents."""
-    import torch
-
-    from lora_trainer.inference import Generator, LoraSpec
-
-    gen = Generator(toyworld.BASE_SPEC)
-    prompts = [toyworld.with_trigger(p) for p in toyworld.eval_prompts(8)]
-    rng = torch.Generator().manual_seed(0)
-    latents = torch.randn((len(prompts), 4, world.SIZE // 2, world.SIZE // 2), generator=rng)
-    timesteps = torch.randint(0, 1000, (len(prompts),), generator=rng)
-
-    def predict(loras):
-        with gen.using(loras) as pipe, torch.no_grad():
-            embeds = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
-            return pipe.unet(latents, timesteps, embeds).sample
-
-    return (predict([LoraSpec(str(lora_file), 1.0)]) - predict([])).abs().mean().item()
-
-
-def test_guidance_sized_training_learns_a_smaller_change_to_the_triggered_prediction(sizing_pair):
-    sized, unsized = sizing_pair
-    assert 0 < _triggered_change(sized) < _triggered_change(unsized) / 1.5  # trained 3 times over
-
-
-def test_guidance_sized_training_keeps_what_triggered_prompts_ask(sizing_pair):
-    from lora_trainer.toyworld.scoring import lora_quality
-
-    sized, unsized = (lora_quality(f, STYLE, strengths=(1.0,), prompts=toyworld.eval_prompts(12), seeds=(0,))[0]
-                      for f in sizing_pair)
-    assert unsized.style >= 0.75 and unsized.adherence <= 0.35  # guidance 7 overcooks the unsized change
-    assert sized.adherence >= unsized.adherence + 0.25
-    assert sized.leak <= 0.1
