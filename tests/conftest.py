@@ -56,24 +56,21 @@ def make_images(folder: Path, count: int = 4, *, captions: bool = True, sizes=((
     return folder
 
 
-# The geometry-relevant parts of the published SD 1.5 / SDXL configs: enough to resolve and plan, no weights.
-PUBLISHED_CONFIGS = {
-    "sd": ("StableDiffusionPipeline", {"block_out_channels": [128, 256, 512, 512]},
-           {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "sample_size": 64}),
-    "sdxl": ("StableDiffusionXLPipeline", {"block_out_channels": [128, 256, 512, 512]},
-             {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "sample_size": 128}),
-}
-
-
 def config_only_model(folder: Path, kind: str) -> Path:
-    """A diffusers folder with the configs of a real SD 1.5 / SDXL and no weights: plans, never loads."""
+    """A diffusers folder with the published configs of SD 1.5 / SDXL ('sd' / 'sdxl') and no weights: plans, never
+    loads."""
     import json
 
-    name, vae, unet = PUBLISHED_CONFIGS[kind]
-    for sub, config in (("vae", vae), ("unet", unet)):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / "config.json").write_text(json.dumps(config))
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "vae": ["diffusers", "AutoencoderKL"]}))
+    from lora_trainer.memory.published import PUBLISHED, published_config
+
+    classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+               "text_encoder_2": "CLIPTextModelWithProjection"}
+    index = {"_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"}
+    for name in PUBLISHED[kind]:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(published_config(kind, name)))
+        index[name] = ["transformers" if name.startswith("text") else "diffusers", classes[name]]
+    (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
 

@@ -57,6 +57,14 @@ def write_run(tmp_path: Path, name: str = "run", **overrides) -> Path:
     return run
 
 
+def train_here(run: Path) -> Path:
+    """Train a saved run in this process, as `train RUN` would."""
+    from lora_trainer.train import train
+
+    train(run, config_mod.load(run))
+    return run
+
+
 def test_train_from_flags_writes_the_config_and_a_lora(tmp_path):
     images = make_images(tmp_path / "images")
     run = tmp_path / "run"
@@ -90,6 +98,7 @@ def test_check_prints_the_plan_without_loading_a_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "images: 4 from" in result.stdout and "plan: 12 steps, 4 steps per epoch, 3.0 epochs" in result.stdout
     assert "buckets:" in result.stdout
+    assert "peak:" in result.stdout and "not estimated" not in result.stdout  # the memory estimate reads the configs
 
 
 def test_an_unknown_model_is_one_line_naming_it(tmp_path):
@@ -121,8 +130,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
         optim__steps=24, output__save_every=6, data__flip=True, data__shuffle_captions=True, lora__dropout=0.1,
         data__cache_latents=cache_latents,
     )
-    reference = write_run(tmp_path, "reference", **settings)
-    assert cli("train", str(reference)).returncode == 0
+    reference = train_here(write_run(tmp_path, "reference", **settings))  # the uninterrupted run needs no subprocess
 
     run = write_run(tmp_path, "killed", **settings)
     proc = start("train", str(run))
@@ -141,28 +149,30 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize(
-    "settings", [{}, {"model__base": "builtin:tiny-sdxl", "lora__train_text_encoder": True},
-                 {"model__base": "builtin:tiny-sdxl", "lora__trigger_vectors": 2, "lora__embedding_lr": 5e-2}],
-    ids=["sd", "sdxl+text-encoder", "sdxl+pivotal"],
-)
-def test_two_process_accelerate_run_trains(tmp_path, settings):
-    """accelerate's --cpu flag always starts one process; --multi_gpu uses torch.distributed, gloo on a CPU box."""
-    run = write_run(tmp_path, optim__steps=4, optim__batch_size=1, **settings)
-    result = subprocess.run(
+def two_processes(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of the CLI on two processes: --multi_gpu uses torch.distributed, gloo on a CPU box (accelerate's
+    --cpu flag always starts one process)."""
+    return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_two_processes_take_images_in_once_and_train(tmp_path):
+    """SDXL with every method on two processes: test_methods.py's test_two_processes_train_sdxl_with_every_method."""
+    run = tmp_path / "run"
+    result = two_processes("train", str(run), "--images", str(make_images(tmp_path / "images", 3)), "--resolution", "64",
+                           "--steps", "4", "--set", "sampling.every=0", "--set", "data.bucket_step=16")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == [f"img00{i}.{e}" for i in range(3) for e in ("png", "txt")]
+    assert result.stdout.count("3 images added") == 1
     events = read_events(run / "events.jsonl")[0]
     started = [e for e in events if e["type"] == "started"]
     assert len(started) == 1 and started[0]["processes"] == 2  # only the main process writes events
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
     weights = load_file(run / "final" / DIFFUSERS_FILENAME)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
-    if settings.get("lora__trigger_vectors"):  # pivotal tuning trains and saves under two processes too
-        assert sorted(load_file(run / "final" / "my-lora_emb.safetensors")) == ["clip_g", "clip_l"]
 
 
 def test_check_on_a_messy_zip_prints_the_intake_report_and_the_plan(tmp_path):
@@ -200,28 +210,13 @@ def test_training_on_a_kohya_folder_honours_its_repeats(tmp_path):
 
 
 def test_changing_what_the_checkpoints_depend_on_is_refused_by_name(tmp_path):
-    run = write_run(tmp_path, optim__steps=2)
-    assert cli("train", str(run)).returncode == 0
+    run = train_here(write_run(tmp_path, optim__steps=2))
     before = (run / "config.toml").read_text()
     result = cli("train", str(run), "--rank", "8", "--steps", "4")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "lora.rank was 4, now 8" in result.stderr and "new run folder" in result.stderr
     assert (run / "config.toml").read_text() == before  # the run's own config is kept
     assert cli("train", str(run), "--steps", "4").returncode == 0  # a longer run of the same settings resumes
-
-
-def test_two_processes_take_images_in_once(tmp_path):
-    run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run),
-         "--images", str(make_images(tmp_path / "images", 3)), "--resolution", "64", "--steps", "2",
-         "--set", "sampling.every=0", "--set", "data.bucket_step=16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (run / "dataset").iterdir()) == [f"img00{i}.{e}" for i in range(3) for e in ("png", "txt")]
-    assert result.stdout.count("3 images added") == 1
 
 
 def test_caption_with_the_trigger_style_writes_captions_from_the_command_line(tmp_path):

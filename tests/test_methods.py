@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lora_trainer import config as config_mod
 from lora_trainer.ema import decay_at
+from lora_trainer.events import read_events
 from lora_trainer.formats import DIFFUSERS_FILENAME
 from lora_trainer.timesteps import sample_timesteps
 
@@ -238,13 +239,18 @@ def test_changing_the_lora_plus_ratio_of_a_run_is_refused_by_name(tmp_path):
 
 def test_two_processes_train_sdxl_with_every_method(tmp_path):
     run = tmp_path / "run"
-    config_mod.save(tiny_config(make_images(tmp_path / "images"), optim__steps=4, **ALL_METHODS, **SDXL), run)
+    config_mod.save(tiny_config(make_images(tmp_path / "images"), optim__steps=4, optim__batch_size=1, lora__trigger_vectors=2,
+                                lora__embedding_lr=5e-2, **ALL_METHODS, **SDXL), run)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lora_trainer", "train", str(run)],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    events = read_events(run / "events.jsonl")[0]
+    assert [e["processes"] for e in events if e["type"] == "started"] == [2]  # only the main process writes events
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
+    assert sorted(load_file(run / "final" / "my-lora_emb.safetensors")) == ["clip_g", "clip_l"]  # pivotal tuning too
     ema, raw = state_of(run, 4, "ema.safetensors"), state_of(run, 4)
     assert {k.split(".")[0] for k in ema} == {"unet", "text_encoder", "text_encoder_2"}
     assert all(math.isfinite(v.abs().sum().item()) for v in ema.values())
