@@ -16,8 +16,10 @@ For the base model (no LoRA, the reference) and each checkpoint (`checkpoints/st
 The recommendation rule (`recommend`), on the judge's rates when every row has them, else on the
 CLIP scores:
   1. A checkpoint is *eligible* when its adherence stays within `adherence_margin` (a fraction of
-     the base's adherence) of the base's, its style is above the base's, and it leaks little: its
-     leak rises over the base's leak by at most `leak_ratio` times its style gain.
+     the base's adherence) of the base's, it leaks little (its leak rises over the base's leak by at
+     most `leak_ratio` times its style gain), and it has taken the style: its style gain over the base
+     is at least half the largest gain of the checkpoints that leak little (an early step that shows the
+     style on one picture in eight is no pick when later ones show it on all).
   2. The pick is the eligible checkpoint with the most style (ties: the one that leaks least, then keeps
      the most adherence, then the earlier step).
   3. If none is eligible, the pick is the best trade-off: style gain minus the adherence lost beyond
@@ -223,8 +225,12 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
     def ties(row: Row) -> tuple:  # between equal picks: the one that leaks least, then keeps more adherence, then earlier
         return -facts[row.name]["leak_gain"], facts[row.name]["adh"], -row.step
 
-    eligible = [r for r in others if facts[r.name]["gain"] > 0 and facts[r.name]["adh"] >= floor
-                and facts[r.name]["leak_gain"] <= facts[r.name]["allowed_leak"]]
+    def leaks_little(row: Row) -> bool:
+        return facts[row.name]["leak_gain"] <= facts[row.name]["allowed_leak"]
+
+    taken = max((facts[r.name]["gain"] for r in others if leaks_little(r)), default=0.0) / 2
+    eligible = [r for r in others if facts[r.name]["gain"] > 0 and facts[r.name]["gain"] >= taken
+                and facts[r.name]["adh"] >= floor and leaks_little(r)]
     what = "judged rates" if source == "judge" else "CLIP scores"
     if eligible:
         pick = max(eligible, key=lambda r: (facts[r.name]["gain"], *ties(r)))
@@ -245,6 +251,9 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
         why.append("no checkpoint shows more of the training style than the base model")
     if all(facts[r.name]["adh"] < floor for r in others):
         why.append(f"every checkpoint loses more than {settings.adherence_margin:.0%} of the base model's prompt adherence")
+    if not why and all(facts[r.name]["gain"] < taken for r in others if facts[r.name]["adh"] >= floor and leaks_little(r)):
+        why.append(f"the checkpoints that keep prompt adherence show little of the style (less than half the "
+                   f"+{2 * taken:.3f} the others reach)")
     if not why:
         why.append("no checkpoint both keeps prompt adherence and keeps its style to the trigger")
     reason = (f"{'; '.join(why)}; {_label(pick)} is the best trade-off (style {f['gain']:+.3f}, adherence "

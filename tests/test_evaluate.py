@@ -128,6 +128,9 @@ RULE_CASES = {
         [BASE, ("step-000100", 100, 0.55, 0.10, 0.50), ("step-000200", 200, 0.90, 0.12, 0.55)], "step-000200", False),
     "none eligible, equal trade-offs: the one that leaks less, though later": (
         [BASE, ("step-000100", 100, 0.90, 0.10, 0.55), ("step-000200", 200, 0.90, 0.10, 0.50)], "step-000200", False),
+    "a step that has barely taken the style is no pick: the best trade-off of those that have": (
+        [BASE, ("step-000100", 100, 0.55, 0.30, 0.50), ("step-000200", 200, 0.90, 0.26, 0.50),
+         ("step-000300", 300, 0.90, 0.20, 0.50)], "step-000200", False),
     "no style gain anywhere": (
         [BASE, ("step-000100", 100, 0.49, 0.30, 0.50), ("step-000200", 200, 0.40, 0.30, 0.50)], "step-000100", False),
 }
@@ -144,6 +147,11 @@ def test_the_recommendation_rule(case):
 def test_the_rule_explains_a_passed_over_overcooked_step():
     table, _, _ = RULE_CASES["the overcooked last step loses adherence: the earlier one"]
     assert "Later step 300 has more style" in recommend(rows_of(*table)).reason
+
+
+def test_the_rule_says_when_the_steps_that_keep_the_prompt_have_barely_taken_the_style():
+    table, _, _ = RULE_CASES["a step that has barely taken the style is no pick: the best trade-off of those that have"]
+    assert "the checkpoints that keep prompt adherence show little of the style" in recommend(rows_of(*table)).reason
 
 
 def test_judged_rates_decide_when_every_row_has_them():
