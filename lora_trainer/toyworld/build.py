@@ -151,8 +151,9 @@ def make_judge(tokenizer):
 
 
 def _judge_batch(rng: random.Random, vae, n: int):
-    """n random scenes in random styles (40 % plain), a third of them passed through the VAE, so the
-    judge knows what generated pictures look like."""
+    """n random scenes in random styles (40 % plain), stripes at any phase (a generated picture's bands need not
+    fall where the training pictures' do, and the scene is the same), a third of them passed through the VAE, so
+    the judge knows what generated pictures look like."""
     import torch
 
     captions = world.all_judge_captions()
@@ -162,7 +163,7 @@ def _judge_batch(rng: random.Random, vae, n: int):
         scene = rng.choice(world.SCENES)
         picks.append((scene, style))
     labels = torch.tensor([next(k for k, (s, st, _) in enumerate(captions) if s == sc and st == sty) for sc, sty in picks])
-    x = _to_tensor([world.render(sc, sty, rng.randrange(2**31)) for sc, sty in picks])
+    x = _to_tensor([world.render(sc, sty, rng.randrange(2**31), rng.randrange(world.STRIPE_PERIOD)) for sc, sty in picks])
     through = torch.rand(n) < 0.33
     if through.any():
         with torch.no_grad():
@@ -173,19 +174,25 @@ def _judge_batch(rng: random.Random, vae, n: int):
 
 def _judge_accuracy(judge, vae, ids, seed: int) -> dict[str, float]:
     """Share of fresh pictures (every scene in every style, twice) whose nearest caption is exactly
-    right: as drawn, and after a trip through the VAE (as generated pictures come)."""
+    right: as drawn, after a trip through the VAE (as generated pictures come), and with the stripes' bands at
+    every other phase."""
     import torch
     import torch.nn.functional as F
 
     grammar = world.all_judge_captions()
     x = _to_tensor([world.render(sc, st, seed + k) for k in range(2) for sc, st, _ in grammar])
+    shifted = _to_tensor([world.render(sc, st, seed + k, phase=1 + k % (world.STRIPE_PERIOD - 1))
+                          for k in range(2 * (world.STRIPE_PERIOD - 1)) for sc, st, _ in grammar if st == "stripes"])
     labels = torch.arange(len(grammar)).repeat(2)
+    striped = torch.tensor([k for k, (_, st, _) in enumerate(grammar) if st == "stripes"]).repeat(2 * (world.STRIPE_PERIOD - 1))
     result = {}
     with torch.no_grad():
         text = F.normalize(judge.get_text_features(input_ids=ids).pooler_output, dim=-1)
-        for name, pixels in (("drawn", x), ("through_vae", vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1))):
+        pictures = (("drawn", x, labels), ("through_vae", vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1), labels),
+                    ("stripes_at_other_phases", shifted, striped))
+        for name, pixels, truth in pictures:
             image = F.normalize(judge.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-            result[name] = round((image @ text.T).argmax(-1).eq(labels).float().mean().item(), 4)
+            result[name] = round((image @ text.T).argmax(-1).eq(truth).float().mean().item(), 4)
     return result
 
 

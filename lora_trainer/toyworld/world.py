@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 SIZE = 32  # the world's native resolution, in pixels
 _SUPER = 4  # drawn at SIZE * _SUPER, then box-filtered: anti-aliased edges
+STRIPE_PERIOD = 6  # px at the native size: the stripes' bands are 3 px wide, so `phase` 0..5 gives every placement
 
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLORS = {
@@ -86,8 +87,9 @@ def _shape_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, style: str | None = None, seed: int = 0) -> Image.Image:
-    """The picture of `scene` (in `style`, or plain), placed and sized by `seed`."""
+def render(scene: Scene, style: str | None = None, seed: int = 0, phase: int = 0) -> Image.Image:
+    """The picture of `scene` (in `style`, or plain), placed and sized by `seed`; `phase` shifts the stripes' bands
+    by that many pixels at the native size (the training pictures have phase 0; a generated picture's may be any)."""
     rng = random.Random(seed)
     n = SIZE * _SUPER
     bg, fg = BACKGROUNDS[scene.background], COLORS[scene.color]
@@ -105,7 +107,7 @@ def render(scene: Scene, style: str | None = None, seed: int = 0) -> Image.Image
         mask = Image.new("L", (n, n), 0)
         _shape_outline(ImageDraw.Draw(mask), scene.shape, cx, cy, r, 255)
         yy, xx = np.mgrid[0:n, 0:n]
-        bands = ((xx + yy) // (n * 3 // SIZE)) % 2 == 0  # bands 3 px wide at the native size
+        bands = ((xx + yy + phase * _SUPER) // (STRIPE_PERIOD // 2 * _SUPER)) % 2 == 0
         pattern = np.where(bands[..., None], np.array(fg), np.array(_mix(fg, (255, 255, 255), 0.6))).astype(np.uint8)
         image.paste(Image.fromarray(pattern), (0, 0), mask)
     else:
