@@ -78,8 +78,9 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
 
 
 # -- LoRAs judged in the world ----------------------------------------------------------------------
-# The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts.
-EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "output.save_every": 150}
+# The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts (the
+# Style preset trains 600; at three seeds its style showed on 0.92 to 1.00 of triggered prompts from step 300, README).
+EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "optim.steps": 300, "output.save_every": 150}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_strength_zero_gives_the_base_models_picture(style_run):
 @pytest.fixture(scope="module")
 def untriggered_run(tmp_path_factory):
     return train_style_lora(tmp_path_factory.mktemp("toy") / "untriggered", trigger_in_captions=False,
-                            **EVALUATED, **{"optim.preservation_weight": 0.0})
+                            **EVALUATED, **{"optim.preservation_weight": 0.0, "lora.trigger_vectors": 0})
 
 
 def test_a_lora_trained_without_its_trigger_in_the_captions_leaks_more(style_run, untriggered_run):
