@@ -130,9 +130,9 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     shot(page, "2-captions")
 
     # Train: the default preset on the default base (the toy world's on a CPU), shortened; a loss point and a sample image
-    # appear. The first samples come at step 20 and Stop is pressed then: 180 steps before the run could finish.
+    # appear. The first samples come at step 20 and Stop is pressed then: 100 steps before the run could finish.
     open_tab(page, "3 · Train")
-    page.locator("#cfg-optim-steps input").fill("200")
+    page.locator("#cfg-optim-steps input").fill("120")
     page.get_by_text("Advanced: every setting").click()
     for field, value in (("sampling-every", "20"), ("sampling-steps", "4")):
         page.locator(f"#cfg-{field} input").fill(value)
@@ -158,7 +158,7 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     page.reload()
     open_tab(page, "3 · Train")
     page.locator("#train-status").get_by_text("Stopped at step", exact=False).wait_for()
-    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '200'")
+    page.wait_for_function("() => document.querySelector('#cfg-optim-steps input')?.value === '120'")
 
     # Generate with the stopped run's checkpoint: LoRA off and on side by side.
     open_tab(page, "4 · Generate")

@@ -160,7 +160,8 @@ def two_processes(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_take_images_in_once_and_train(tmp_path):
-    """SDXL with every method on two processes: test_methods.py's test_two_processes_train_sdxl_with_every_method."""
+    """SD 1.5 from --images on two processes (SDXL with every method on two processes: test_methods.py's
+    test_two_processes_train_sdxl_with_every_method)."""
     run = tmp_path / "run"
     result = two_processes("train", str(run), "--images", str(make_images(tmp_path / "images", 3)), "--resolution", "64",
                            "--steps", "4", "--set", "sampling.every=0", "--set", "data.bucket_step=16")
