@@ -63,13 +63,13 @@ def config_only_model(folder: Path, kind: str) -> Path:
 
     from lora_trainer.memory.published import PUBLISHED, published_config
 
-    classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-               "text_encoder_2": "CLIPTextModelWithProjection"}
     index = {"_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"}
     for name in PUBLISHED[kind]:
+        config = published_config(kind, name)
         (folder / name).mkdir(parents=True, exist_ok=True)
-        (folder / name / "config.json").write_text(json.dumps(published_config(kind, name)))
-        index[name] = ["transformers" if name.startswith("text") else "diffusers", classes[name]]
+        (folder / name / "config.json").write_text(json.dumps(config))
+        # diffusers configs name their class in _class_name, transformers configs in architectures
+        index[name] = ["diffusers", config["_class_name"]] if "_class_name" in config else ["transformers", config["architectures"][0]]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
