@@ -27,6 +27,9 @@ CONFIG_FILENAME = "config.toml"
 TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "attention+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    # LoCon: also the ResNet blocks' 3x3 convolutions (resnets.N.conv1 / conv2), which draw local texture; kohya
+    # stores them as lora_unet_*_resnets_N_conv1 with a 3x3 lora_down, as A1111, ComfyUI and diffusers load.
+    "attention+ff+conv": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # A Hugging Face Hub repo id, user/name or org/name (the Hub allows 96 characters a part).
@@ -103,7 +106,8 @@ class LoraSection:
     dropout: float = _f(0.0, "Dropout on the LoRA path during training.", min=0.0, max=0.9)
     targets: str = _f(
         "attention",
-        "Which UNet layers get LoRA: attention (to_q/to_k/to_v/to_out.0), attention+ff (also feed-forward), or custom.",
+        "Which UNet layers get LoRA: attention (to_q/to_k/to_v/to_out.0), attention+ff (also feed-forward), "
+        "attention+ff+conv (also the ResNet blocks' 3x3 convolutions, LoCon: texture and style), or custom.",
         choices=[*TARGET_PRESETS, "custom"],
     )
     custom_targets: list[str] = _f([], "Module name suffixes for targets = custom, e.g. [\"to_q\", \"proj_in\"].")

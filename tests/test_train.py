@@ -155,8 +155,9 @@ def test_kohya_file_has_true_alpha_names_and_metadata(trained):
         {"lora__use_dora": True},
         {"lora__train_text_encoder": True, "lora__text_encoder_lr": 5e-4, "lora__targets": "attention+ff"},
         {"lora__dropout": 0.5, "lora__train_text_encoder": True},
+        {"lora__targets": "attention+ff+conv"},
     ],
-    ids=["rslora", "dora", "text-encoder+ff", "dropout"],
+    ids=["rslora", "dora", "text-encoder+ff", "dropout", "locon"],
 )
 def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
     run = run_training(tmp_path, sampling__every=10, **variant)
@@ -176,6 +177,11 @@ def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
         with safe_open(str(run / "final" / "my-lora.safetensors"), "pt") as f:
             assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in f.keys())
             assert not any(k.startswith("lora_te1_") for k in f.keys())
+    if variant.get("lora__targets") == "attention+ff+conv":  # LoCon: a 3x3 down, a 1x1 up, as kohya stores them
+        with safe_open(str(run / "final" / "my-lora.safetensors"), "pt") as f:
+            key = "lora_unet_down_blocks_0_resnets_0_conv1"
+            down, up = f.get_tensor(f"{key}.lora_down.weight"), f.get_tensor(f"{key}.lora_up.weight")
+        assert down.shape[0] == up.shape[1] == 4 and down.shape[2:] == (3, 3) and up.shape[2:] == (1, 1)
 
 
 def test_sdxl_tiny_trains_saves_and_reloads(tmp_path):
