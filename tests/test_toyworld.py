@@ -79,7 +79,8 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
 
 # -- LoRAs judged in the world ----------------------------------------------------------------------
 # The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts (the
-# Style preset trains 600; at three seeds its style showed on 0.92 to 1.00 of triggered prompts from step 300, README).
+# Style preset trains 800; here its style showed on 0.83 and 1.00 of the 12 prompts at steps 150 and 300, and on 0.58 to
+# 0.83 of 24 at step 300 in the README's three seeds).
 EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "optim.steps": 300, "output.save_every": 150}
 
 
@@ -116,8 +117,8 @@ def test_without_the_trigger_the_style_stays_rare(scores):
 def test_without_the_trigger_the_lora_still_draws_what_the_prompt_asks(scores):
     base, lora = scores
     assert base.adherence_untriggered >= 0.85
-    # One training seed on 12 prompts: the Style preset keeps 0.42 here and 0.71-0.92 of 24 prompts at other
-    # seeds and thread counts (README); without preservation, trained until its style shows, a quarter (0.25).
+    # One training seed on 12 prompts: the Style preset keeps 0.92 here (session 11's kept 0.42), 0.96 to 1.00 of 24
+    # prompts at other seeds (README); without preservation, trained until its style shows, a quarter (0.25).
     assert lora[1.0].adherence_untriggered >= 0.35
 
 
