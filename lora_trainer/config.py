@@ -27,8 +27,9 @@ CONFIG_FILENAME = "config.toml"
 TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "attention+ff": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    # LoCon: also the ResNet blocks' 3x3 convolutions (resnets.N.conv1 / conv2), which draw local texture; kohya
-    # stores them as lora_unet_*_resnets_N_conv1 with a 3x3 lora_down, as A1111, ComfyUI and diffusers load.
+    # LoCon: also the ResNet blocks' 3x3 convolutions (resnets.N.conv1 / conv2), which draw local texture; the kohya
+    # file stores them as lora_unet_*_resnets_N_conv1 with a 3x3 lora_down and a 1x1 lora_up, the layout of kohya's
+    # LoCon files (A1111's loader maps resnets' conv1 / conv2; diffusers' kohya loader reloads it: tests/test_train.py).
     "attention+ff+conv": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
