@@ -80,7 +80,7 @@ def test_the_judge_is_a_clip_model_that_transformers_loads():
 # -- LoRAs judged in the world ----------------------------------------------------------------------
 # The evaluation after training, as on by default for the toy base, judged at steps 150 and 300 on 12 prompts (the
 # Style preset trains 800; here its style showed on 0.83 and 1.00 of the 12 prompts at steps 150 and 300, and on 0.58 to
-# 0.83 of 24 at step 300 in the README's three seeds).
+# 0.92 of 24 at step 300 in the README's five seeds).
 EVALUATED = {"eval.after_training": "on", "eval.prompt_count": 12, "eval.seeds": 1, "optim.steps": 300, "output.save_every": 150}
 
 
