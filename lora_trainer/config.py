@@ -156,14 +156,14 @@ class OptimSection:
     preservation_weight: float = _f(
         0.0, "Output preservation: pull the LoRA's prediction for each caption without the trigger towards the base "
         "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step). "
-        "With guidance-sized training at k, about k squared weighs the same (the toy Style preset: 12 at k = 4).",
+        "With guidance-sized training at k, about k squared weighs the same (the toy Style preset: 12 at k = 4.5).",
         min=0.0, max=100.0,
     )
     train_guidance: float = _f(
         0.0, "Guidance-sized training (with output preservation): the triggered prediction trains as the base model's "
         "plus this many times the LoRA's change, so the LoRA learns 1/this of the change. Classifier-free guidance at "
         "scale g multiplies a preserved LoRA's change by g, which overcooks the style (colours wash out, shapes break); "
-        "sized this way it arrives g/this times. 1 or less = off; 4 in the toy Style preset, measured at guidance 7 "
+        "sized this way it arrives g/this times. 1 or less = off; 4.5 in the toy Style preset, measured at guidance 7 "
         "(README, toy world).",
         min=0.0, max=20.0,
     )

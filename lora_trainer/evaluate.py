@@ -21,7 +21,8 @@ CLIP scores:
      is at least half the largest gain of the checkpoints that leak little (an early step that shows the
      style on one picture in eight is no pick when later ones show it on all).
   2. The pick is the eligible checkpoint with the most style (ties: the one that leaks least, then keeps
-     the most adherence, then the earlier step).
+     the most adherence, then, on the judge's rates, whose pictures are closest to the training images by
+     the continuous style score, then the earlier step).
   3. If none is eligible, the pick is the best trade-off: style gain minus the adherence lost beyond
      the margin minus the leak beyond the allowance (ties as in 2); the reason says what no checkpoint
      satisfied.
@@ -222,8 +223,12 @@ def recommend(rows: list[Row], settings: EvalSettings | None = None) -> Recommen
 
     facts = {r.name: judged(r) for r in others}
 
-    def ties(row: Row) -> tuple:  # between equal picks: the one that leaks least, then keeps more adherence, then earlier
-        return -facts[row.name]["leak_gain"], facts[row.name]["adh"], -row.step
+    def ties(row: Row) -> tuple:
+        # Between equal picks: the one that leaks least, keeps more adherence, then (on the judge's rates, which a few
+        # pictures leave equal at many late checkpoints) whose pictures are closest to the training images, then the
+        # earlier one.
+        closer = row.style if source == "judge" and row.style is not None else 0.0
+        return -facts[row.name]["leak_gain"], facts[row.name]["adh"], closer, -row.step
 
     def leaks_little(row: Row) -> bool:
         return facts[row.name]["leak_gain"] <= facts[row.name]["allowed_leak"]

@@ -63,10 +63,10 @@ PRESETS = {
     for p in [
         Preset("Style", "15-200 images", "an art style or look, applied to any subject", rank=16, alpha=16,
                learning_rate=1e-4, steps=2000, caption_style="sparse", resolution={"sd": 512, "sdxl": 1024},
-               toy={"optim.learning_rate": 3e-3, "optim.steps": 800, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
-                    "lora.targets": "attention+ff+conv", "optim.preservation_weight": 12.0, "optim.train_guidance": 4.0,
+               toy={"optim.learning_rate": 4e-3, "optim.steps": 1500, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
+                    "lora.targets": "attention+ff+conv", "optim.preservation_weight": 12.0, "optim.train_guidance": 4.5,
                     "optim.timestep_sampling": "logit_normal", "optim.ema_decay": 0.99, "lora.trigger_vectors": 1,
-                    "sampling.every": 100, "output.save_every": 100}),
+                    "sampling.every": 100, "output.save_every": 100, "eval.prompt_count": 12, "eval.seeds": 1}),
         Preset("Character", "30-100 images", "one person, creature or character, recognisable in new scenes", rank=32,
                alpha=16, learning_rate=1e-4, steps=1500, caption_style="full", resolution={"sd": 512, "sdxl": 1024}),
         Preset("Product", "20-50 images", "one object (a bottle, a shoe, a logo) kept faithful in detail", rank=16,

@@ -162,6 +162,20 @@ def test_judged_rates_decide_when_every_row_has_them():
     assert (pick.name, pick.source) == ("step-000100", "judge")  # CLIP alone would take step 200
 
 
+def test_equal_judged_rates_go_to_the_step_closest_to_the_training_style_then_the_earlier():
+    # A few pictures leave the judge's rates equal at many late checkpoints (README, "The toy world"): the continuous
+    # style similarity, a finer measure of the same thing, decides between them; equal in that too, the earlier step.
+    rows = rows_of(BASE, ("step-000100", 100, 0.60, 0.30, 0.50), ("step-000200", 200, 0.70, 0.30, 0.50),
+                   ("step-000300", 300, 0.65, 0.30, 0.50))
+    for row, style in zip(rows, [0.0, 0.75, 0.75, 0.75], strict=True):
+        row.judged_style_rate, row.judged_adherence_rate, row.judged_leak_rate = style, 1.0, 0.0
+    assert recommend(rows).name == "step-000200"
+    rows[3].style = rows[2].style
+    assert recommend(rows).name == "step-000200"
+    rows[1].style = rows[2].style = rows[3].style
+    assert recommend(rows).name == "step-000100"
+
+
 def test_no_scores_no_recommendation():
     assert recommend([Row("base", 0, val_loss=1.0), Row("final", 10, val_loss=0.9)]) is None
 
