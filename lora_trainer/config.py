@@ -156,7 +156,7 @@ class OptimSection:
     preservation_weight: float = _f(
         0.0, "Output preservation: pull the LoRA's prediction for each caption without the trigger towards the base "
         "model's, so the style appears only when triggered (weight; 1 is typical, 0 = off; ~1.7x the cost per step). "
-        "With guidance-sized training at k, about k squared weighs the same (the toy Style preset: 12 at k = 4.5).",
+        "With guidance-sized training at k, of the order of k squared weighs the same (the toy Style preset: 12 at k = 4.5).",
         min=0.0, max=100.0,
     )
     train_guidance: float = _f(
