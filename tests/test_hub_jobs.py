@@ -28,7 +28,7 @@ from lora_trainer.hub import HubError, client, jobmonitor, jobrunner, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "alice/lora-studio-run"
-STEPS = 60  # the end-to-end run's
+STEPS = 150  # the end-to-end run's
 IDLE = 120  # seconds without any progress (see Cli.progress) before a wait counts as hung
 # The evaluation after training, on in the job (auto leaves it off for the tiny model on a CPU), cheap: random tiny CLIP.
 EVALUATE = {"eval__after_training": "on", "eval__clip_model": TINY_CLIP, "eval__steps": 2, "eval__prompt_count": 2,
@@ -102,9 +102,9 @@ class Cli:
 
 @pytest.fixture
 def cli(server, tmp_path):
-    # The stop is sent at the first checkpoint (step 15) and reaches the job through the Hub a few seconds later:
-    # 45 steps of slack (with 20 steps the run once finished before the stop arrived).
-    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=15, **EVALUATE), tmp_path)
+    # The stop is sent at the first checkpoint (step 30) and reaches the job through the Hub a few seconds later:
+    # 120 steps of slack (with 20 steps the run once finished before the stop arrived, with 45 once in a full suite).
+    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=30, **EVALUATE), tmp_path)
     yield follower
     follower.close()
 
