@@ -91,8 +91,10 @@ class JobsMixin:
         assert job.proc is not None and job.proc.stdout is not None
         for raw in job.proc.stdout:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000Z"
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            self._gate(job, text)
             with job.changed:
-                job.lines.append((stamp, raw.decode("utf-8", "replace").rstrip("\n")))
+                job.lines.append((stamp, text))
                 job.changed.notify_all()
         code = job.proc.wait()
         with job.changed:
@@ -100,6 +102,34 @@ class JobsMixin:
                 job.stage = "COMPLETED" if code == 0 else "ERROR"
                 job.message = None if code == 0 else f"exit code {code}"
             job.changed.notify_all()
+
+    def hold_at(self, line_contains: str, until_line_contains: str) -> None:
+        """Pause the next job's trainer (its job process's children: SIGSTOP) once the job prints a line that
+        contains `line_contains`, and let it go on (SIGCONT) when the job prints one with `until_line_contains`.
+
+        The job's own process keeps running (it polls the Hub for a stop request, signals its trainer and says
+        so), so a test can send a stop mid-run however slowly the machine goes: an event gate, not slack.
+        """
+        self._hold = {"at": line_contains, "until": until_line_contains, "paused": None}
+        self.released = False  # True once a paused trainer was let go
+
+    def _gate(self, job: Job, text: str) -> None:
+        import psutil
+
+        hold = getattr(self, "_hold", None)
+        if hold is None or job.proc is None:
+            return
+        if hold["paused"] is None and hold["at"] in text:
+            hold["paused"] = psutil.Process(job.proc.pid).children(recursive=True)
+            for proc in hold["paused"]:
+                proc.suspend()
+        elif hold["paused"] is not None and hold["until"] in text:
+            self._hold, self.released = None, True
+            for proc in hold["paused"]:
+                try:
+                    proc.resume()
+                except psutil.NoSuchProcess:
+                    pass
 
     def kill_job(self, job_id: str, message: str = "killed", stage: str = "ERROR") -> None:
         """Kill a job's processes outright (no signal it could catch), as a lost machine would."""

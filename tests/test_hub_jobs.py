@@ -28,7 +28,7 @@ from lora_trainer.hub import HubError, client, jobmonitor, jobrunner, jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "alice/lora-studio-run"
-STEPS = 150  # the end-to-end run's
+STEPS = 60  # the end-to-end run's
 IDLE = 120  # seconds without any progress (see Cli.progress) before a wait counts as hung
 # The evaluation after training, on in the job (auto leaves it off for the tiny model on a CPU), cheap: random tiny CLIP.
 EVALUATE = {"eval__after_training": "on", "eval__clip_model": TINY_CLIP, "eval__steps": 2, "eval__prompt_count": 2,
@@ -102,9 +102,7 @@ class Cli:
 
 @pytest.fixture
 def cli(server, tmp_path):
-    # The stop is sent at the first checkpoint (step 30) and reaches the job through the Hub a few seconds later:
-    # 120 steps of slack (with 20 steps the run once finished before the stop arrived, with 45 once in a full suite).
-    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=30, **EVALUATE), tmp_path)
+    follower = Cli(server, new_run(tmp_path, steps=STEPS, save_every=20, **EVALUATE), tmp_path)
     yield follower
     follower.close()
 
@@ -112,7 +110,10 @@ def cli(server, tmp_path):
 def test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back(cli, server):
     run = cli.run
 
-    # 1. Submit; the trainer's events reach the local run folder through the job's log stream.
+    # 1. Submit; the trainer's events reach the local run folder through the job's log stream. The stop below is
+    #    sent at the first checkpoint and reaches the job through the Hub a while later: the job's trainer waits
+    #    for it there (the fake Hub pauses it until the job says the stop arrived), or a quick run would finish first.
+    server.hold_at('"type": "checkpoint"', "jobrunner: stop requested")
     proc = cli.start("--flavor", "l4x1", "--timeout", "2h")
     cli.wait_for(proc, lambda: any(e["type"] == "checkpoint" for e in events_of(run)))
     state = jobs.job_state(run)
@@ -123,6 +124,7 @@ def test_a_run_trains_on_jobs_stops_resumes_survives_a_killed_job_and_comes_back
     # 2. Stop (what the app's Stop button sends): the job saves, pushes and stops; the checkpoint comes back.
     proc.send_signal(signal.SIGTERM)
     assert cli.finish(proc) == 0, cli.report()
+    assert server.released  # the trainer was held at its first checkpoint until the stop reached the job
     stopped = [e for e in events_of(run) if e["type"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["step"] < STEPS
     assert first.stage == "COMPLETED"
