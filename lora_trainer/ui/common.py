@@ -135,5 +135,17 @@ def dora_note(run_dir: Path | None) -> str:
             "file in diffusers; for A1111, train again with DoRA off.")
 
 
+def series_frame(points: list[tuple[int, float, str]], value: str, series: str):
+    """A gr.LinePlot's long-format frame from (step, value, series) points, with fixed column types (an int
+    step axis, float values, string series: the plot keeps the types of the first frame it gets)."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "step": pd.Series([p[0] for p in points], dtype="int64"),
+        value: pd.Series([p[1] for p in points], dtype="float64"),
+        series: pd.Series([p[2] for p in points], dtype="string"),
+    })
+
+
 def skip_all(n: int) -> tuple:
     return tuple(gr.skip() for _ in range(n))

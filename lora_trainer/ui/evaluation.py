@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from .common import Shared, md_escape, user_errors
+from .common import Shared, md_escape, series_frame, user_errors
 from .workspace import Session
 
 PLOTTED = (("style", "style"), ("adherence", "adherence"), ("leak", "leak"))
@@ -69,18 +69,10 @@ def view(run: Path | None) -> tuple:
 
 def plot_frame(data: dict[str, Any]):
     """Long-format (step, score, metric) rows; the judge's rates on the toy base, else the CLIP scores."""
-    import pandas as pd
-
     rows = [r for r in data.get("rows") or []]
     keys = JUDGED if rows and all(r.get("judged_style_rate") is not None for r in rows) else PLOTTED
     points = [(r["step"], r[k], label) for r in rows for k, label in keys if r.get(k) is not None]
-    if not points:
-        return None
-    return pd.DataFrame({
-        "step": pd.Series([p[0] for p in points], dtype="int64"),
-        "score": pd.Series([p[1] for p in points], dtype="float64"),
-        "metric": pd.Series([p[2] for p in points], dtype="string"),
-    })
+    return series_frame(points, "score", "metric") if points else None
 
 
 def show_evaluation(session: Session) -> tuple:

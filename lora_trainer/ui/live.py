@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..preflight import format_duration
 from . import jobs, remote
-from .common import code, dora_note, info, md_escape, skip_all
+from .common import code, dora_note, info, md_escape, series_frame, skip_all
 from .header import run_picker
 from .monitor import RunMonitor, Status, console_tail, run_status
 from .workspace import Session, servable
@@ -141,16 +141,9 @@ def loss_frame(monitor: RunMonitor):
     validation loss alone (measured at step 0, before the first step's loss): the raw and smoothed
     lines would then never be drawn (seen on a Hugging Face Jobs run, whose events arrive in bursts).
     """
-    import pandas as pd
-
-    rows = monitor.loss_rows()
     if not monitor.losses:
         return None
-    return pd.DataFrame({
-        "step": pd.Series([r[0] for r in rows], dtype="int64"),
-        "loss": pd.Series([r[1] for r in rows], dtype="float64"),
-        "series": pd.Series([r[2] for r in rows], dtype="string"),
-    })
+    return series_frame(monitor.loss_rows(), "loss", "series")
 
 
 def memory_markdown(monitor: RunMonitor) -> str:
