@@ -287,20 +287,12 @@ class Generator:
         guidance: float = 7.0, size: int = 0, negative_prompt: str = "",
     ):
         """One image; same seed and settings give the same image."""
-        import torch
-
-        size = size or self.default_size
-        with _LOCK:
-            self._apply(loras or [])
-            self._set_vae_tiling(size)
-            return self.pipe(
-                prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance,
-                height=size, width=size, generator=torch.Generator("cpu").manual_seed(seed),
-            ).images[0]
+        return self.generate_many([prompt], [seed], loras, steps=steps, guidance=guidance, size=size,
+                                  negative_prompt=negative_prompt)[0]
 
     def generate_many(
         self, prompts: list[str], seeds: list[int], loras: list[LoraSpec] | None = None, *, steps: int = 25,
-        guidance: float = 7.0, size: int = 0,
+        guidance: float = 7.0, size: int = 0, negative_prompt: str = "",
     ) -> list:
         """One image per (prompt, seed), each the image generate() gives it (up to a unit of rounding), several
         per pipeline call (`batch_size`): the evaluation draws dozens of pictures per checkpoint."""
@@ -314,7 +306,8 @@ class Generator:
             for i in range(0, len(prompts), per_call):
                 batch, batch_seeds = prompts[i : i + per_call], seeds[i : i + per_call]
                 images += self.pipe(
-                    batch, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                    batch, negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                    num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                     generator=[torch.Generator("cpu").manual_seed(s) for s in batch_seeds],
                 ).images
         return images
