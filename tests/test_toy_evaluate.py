@@ -17,10 +17,8 @@ import json
 
 import pytest
 import torch
+from toy_runs import train_style_lora
 
-from lora_trainer import toyworld
-
-STYLE = "stripes"
 # No preservation and a high learning rate: the style and the leak rise together (module docstring).
 OVERCOOKED = {"optim.learning_rate": 3e-3, "optim.steps": 150, "optim.batch_size": 4, "lora.rank": 8, "lora.alpha": 8,
               "output.save_every": 50, "sampling.every": 0, "eval.after_training": "on", "eval.prompt_count": 12,
@@ -31,18 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(run, settings: dict):
-    from accelerate.state import AcceleratorState
-
-    from lora_trainer import config as config_mod
-    from lora_trainer.train import train
-
-    toyworld.make_style_dataset(run / "dataset", STYLE, n=16, seed=0)
-    cfg = config_mod.TrainConfig()
-    for key, value in {"model.base": toyworld.BASE_SPEC, "data.trigger": toyworld.TRIGGER, **settings}.items():
-        cfg.set(key, value)
-    config_mod.save(config_mod.validate(cfg), run)
-    train(run)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    train_style_lora(run, preset=None, **settings)
     return json.loads((run / "evaluation.json").read_text())
 
 

@@ -8,8 +8,8 @@ from lora_trainer import toyworld
 STYLE = "stripes"
 
 
-def train_style_lora(run, *, trigger_in_captions: bool = True, **settings):
-    """A LoRA trained with the Style preset (and `settings`) on 16 pictures of a style, as a user would."""
+def train_style_lora(run, *, preset: str | None = "Style", trigger_in_captions: bool = True, **settings):
+    """A LoRA trained with a preset (None: the defaults) and `settings` on 16 pictures of a style, as a user would."""
     from accelerate.state import AcceleratorState
 
     from lora_trainer import config as config_mod
@@ -21,8 +21,9 @@ def train_style_lora(run, *, trigger_in_captions: bool = True, **settings):
         for caption in (run / "dataset").glob("*.txt"):
             caption.write_text(caption.read_text().replace(f"{toyworld.TRIGGER}, ", ""))
     cfg = config_mod.TrainConfig()
-    for key, value in {**preset_settings("Style", toyworld.BASE_SPEC), "model.base": toyworld.BASE_SPEC,
-                       "sampling.every": 0, "eval.after_training": "off", **settings}.items():
+    chosen = preset_settings(preset, toyworld.BASE_SPEC) if preset else {"data.trigger": toyworld.TRIGGER}
+    for key, value in {**chosen, "model.base": toyworld.BASE_SPEC, "sampling.every": 0, "eval.after_training": "off",
+                       **settings}.items():
         cfg.set(key, value)
     config_mod.save(config_mod.validate(cfg), run)
     try:
