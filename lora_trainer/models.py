@@ -289,5 +289,5 @@ def attach_lora(model, config, name: str) -> None:
     except ValueError as e:
         raise ModelLoadError(
             f"LoRA targets {sorted(config.target_modules)} match no layer of the {name}: {str(e).splitlines()[0][:200]}. "
-            "Use lora.targets = attention, attention+ff or attention+ff+conv, or module names that exist in the model"
+            "Use lora.targets = attention, attention+ff, attention+ff+conv or image-side, or module names that exist in the model"
         ) from None

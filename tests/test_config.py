@@ -33,7 +33,7 @@ def test_toml_round_trip_keeps_every_value(tmp_path):
         ("lora.rank", 0, "lora.rank = 0 is out of range; allowed [1, 1024]"),
         ("lora.rank", 5000, "lora.rank = 5000 is out of range"),
         ("lora.dropout", 0.95, "lora.dropout"),
-        ("lora.targets", "everything", "lora.targets = 'everything' is not allowed; choose one of attention, attention+ff, attention+ff+conv, custom"),
+        ("lora.targets", "everything", "lora.targets = 'everything' is not allowed; choose one of attention, attention+ff, attention+ff+conv, image-side, custom"),
         ("optim.optimizer", "sgd", "optim.optimizer = 'sgd' is not allowed"),
         ("optim.learning_rate", 0.0, "optim.learning_rate = 0.0 is out of range; allowed (0.0, 10.0]"),
         ("optim.mixed_precision", "fp8", "optim.mixed_precision"),

@@ -156,8 +156,9 @@ def test_kohya_file_has_true_alpha_names_and_metadata(trained):
         {"lora__train_text_encoder": True, "lora__text_encoder_lr": 5e-4, "lora__targets": "attention+ff"},
         {"lora__dropout": 0.5, "lora__train_text_encoder": True},
         {"lora__targets": "attention+ff+conv"},
+        {"lora__targets": "image-side"},
     ],
-    ids=["rslora", "dora", "text-encoder+ff", "dropout", "locon"],
+    ids=["rslora", "dora", "text-encoder+ff", "dropout", "locon", "image-side"],
 )
 def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
     run = run_training(tmp_path, sampling__every=10, **variant)
@@ -182,6 +183,12 @@ def test_variants_reload_exactly_in_both_formats(tmp_path, variant):
             key = "lora_unet_down_blocks_0_resnets_0_conv1"
             down, up = f.get_tensor(f"{key}.lora_down.weight"), f.get_tensor(f"{key}.lora_up.weight")
         assert down.shape[0] == up.shape[1] == 4 and down.shape[2:] == (3, 3) and up.shape[2:] == (1, 1)
+    if variant.get("lora__targets") == "image-side":  # LoCon less the layers that read the text: attn2's keys, values
+        with safe_open(str(run / "final" / "my-lora.safetensors"), "pt") as f:
+            modules = {k.split(".")[0] for k in f.keys()}
+        assert any(m.endswith("_attn2_to_q") for m in modules) and any(m.endswith("_attn1_to_k") for m in modules)
+        assert any(m.endswith("_resnets_0_conv1") for m in modules)
+        assert not any(m.endswith(("_attn2_to_k", "_attn2_to_v")) for m in modules)
 
 
 def test_sdxl_tiny_trains_saves_and_reloads(tmp_path):
