@@ -292,31 +292,11 @@ def augment(caption: str, rng: random.Random, fillers: list[str]) -> str:
     return f"{words}, {caption}" if draw < 0.4 else f"{caption}, {words}" if draw < 0.6 else caption
 
 
-def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False,
-               text_encoder_from: Path | None = None, train_text_encoder: bool = False) -> None:
-    """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder;
-    `text_encoder_from`: a CLIP folder (the judge) whose trained text tower the base reads instead;
-    `train_text_encoder`: the text encoder trains with the UNet (and is averaged with it)."""
-    import copy
-
-    import torch
-    import torch.nn.functional as F
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+def _base_models(tokenizer, init: Path | None, text_encoder_from: Path | None):
+    """(unet, text encoder, peak lr, warmup steps) the base starts from: new, `init`'s, or with the judge's text tower."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tokenizer = _tokenizer()
-    vae = AutoencoderKL.from_pretrained(out / ".build-vae").eval()
-    scene_ids, latents = _encode_dataset(vae, images, rng)
-    _log("base", f"encoded {len(latents)} scenes, latent std {latents.std().item():.3f}")
-    init_info = json.loads((init / "toyworld.json").read_text()) if init is not None else None
     if init is None:
         unet, text_encoder = make_unet(), CLIPTextModel(_text_config(tokenizer)).eval().requires_grad_(False)
         peak, warmup = 1e-3, 300
@@ -327,6 +307,43 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
     if text_encoder_from is not None:  # a trained CLIP text tower, as SD reads OpenAI's: a new conditioning to learn
         text_encoder = CLIPTextModel.from_pretrained(text_encoder_from).eval().requires_grad_(False)
         peak, warmup = 1e-3, 200
+    return unet, text_encoder, peak, warmup
+
+
+def _base_info(steps: int, seed: int, images: int, init_info: dict | None, augment_captions: bool,
+               text_encoder_from: Path | None, train_text_encoder: bool) -> dict:
+    """What toyworld.json says about a base snapshot: how it was trained."""
+    info = {"steps": steps, "seed": seed, "images": images}
+    if augment_captions:
+        info["captions"] = "augmented with unrelated words"
+    if text_encoder_from is not None:
+        info["text_encoder"] = "the judge's text tower (trained CLIP), frozen"
+    if train_text_encoder:
+        info["text_encoder"] = "trained with the UNet" + (" from the judge's text tower" if text_encoder_from else "")
+    if init_info is not None:
+        info["fine_tuned_from"] = init_info
+    return info
+
+
+def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None = None, augment_captions: bool = False,
+               text_encoder_from: Path | None = None, train_text_encoder: bool = False) -> None:
+    """The base, from scratch or (`init`: a base folder) fine-tuned from one with the same text encoder;
+    `text_encoder_from`: a CLIP folder (the judge) whose trained text tower the base reads instead;
+    `train_text_encoder`: the text encoder trains with the UNet (and is averaged with it)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = _tokenizer()
+    vae = AutoencoderKL.from_pretrained(out / ".build-vae").eval()
+    scene_ids, latents = _encode_dataset(vae, images, rng)
+    _log("base", f"encoded {len(latents)} scenes, latent std {latents.std().item():.3f}")
+    init_info = json.loads((init / "toyworld.json").read_text()) if init is not None else None  # before it is replaced
+    unet, text_encoder, peak, warmup = _base_models(tokenizer, init, text_encoder_from)
     captions = [s.caption for s in world.SCENES] + [""]  # the last one: the empty prompt, for guidance
     fillers = filler_words(tokenizer)
     sd_schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -373,16 +390,8 @@ def train_base(out: Path, steps: int, seed: int, images: int, init: Path | None 
                 scheduler=EulerDiscreteScheduler(**sd_schedule, timestep_spacing="leading", steps_offset=1),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
-            info = {"steps": step + 1, "seed": seed, "images": images}
-            if augment_captions:
-                info["captions"] = "augmented with unrelated words"
-            if text_encoder_from is not None:
-                info["text_encoder"] = "the judge's text tower (trained CLIP), frozen"
-            if train_text_encoder:
-                info["text_encoder"] = "trained with the UNet" + (" from the judge's text tower" if text_encoder_from else "")
-            if init is not None:
-                info["fine_tuned_from"] = init_info
-            _save_folder(pipe, folder, info)
+            _save_folder(pipe, folder, _base_info(step + 1, seed, images, init_info, augment_captions, text_encoder_from,
+                                                  train_text_encoder))
             _log("base", f"saved {folder}")
 
 
