@@ -109,6 +109,12 @@ class Scorer:
             self.notes.append("judged rates skipped: the toy world's judge sees no style in the training images")
             return
         self.judge, self.judged_style = tw.judge, styles.most_common(1)[0][0]
+        seeds = self.settings.seeds
+        n = len(self.prompts) * seeds
+        self.notes.append(
+            f"judged on {n} pictures per checkpoint ({len(self.prompts)} prompts x {seeds} seed{'s' * (seeds != 1)}): a rate near "
+            f"0.85 is uncertain by about {(0.85 * 0.15 / n) ** 0.5:.2f} (one standard error), so rates a picture or two "
+            "apart are close to a tie; more prompts (eval.prompt_count) or seeds (eval.seeds) make the pick surer")
 
     # -- per adapter ------------------------------------------------------------------------------------
     def validation_loss(self, lora: Path | None) -> float:
