@@ -32,8 +32,9 @@ TARGET_PRESETS: dict[str, list[str]] = {
     # LoCon files (A1111's loader maps resnets' conv1 / conv2; diffusers' kohya loader reloads it: tests/test_train.py).
     "attention+ff+conv": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
     # The same without the cross-attention's keys and values (attn2.to_k / to_v), the only layers that read the text
-    # encoder's output: the LoRA changes how the picture is drawn, not what the prompt's words mean. In the toy world
-    # it keeps more of the prompt at the same style (README, "The Style preset now"). Self-attention's are kept.
+    # encoder's output: the LoRA changes how the picture is drawn, not what the prompt's words mean. Self-attention's
+    # are kept. In the toy world, at equal steps, it keeps more of the prompt and shows less of the style: the trade
+    # that guidance-sized training's k makes (README, "What else was tried against the remaining gap").
     "image-side": ["to_q", "attn1.to_k", "attn1.to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -114,7 +115,7 @@ class LoraSection:
         "Which UNet layers get LoRA: attention (to_q/to_k/to_v/to_out.0), attention+ff (also feed-forward), "
         "attention+ff+conv (also the ResNet blocks' 3x3 convolutions, LoCon: texture and style), image-side (LoCon "
         "without the text's keys and values in cross-attention, attn2.to_k / to_v: the LoRA changes how things are "
-        "drawn, not what the prompt's words mean; keeps more of the prompt), or custom.",
+        "drawn, not what the prompt's words mean; keeps more of the prompt, takes less style), or custom.",
         choices=[*TARGET_PRESETS, "custom"],
     )
     custom_targets: list[str] = _f([], "Module name suffixes for targets = custom, e.g. [\"to_q\", \"proj_in\"].")
