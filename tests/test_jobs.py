@@ -158,10 +158,12 @@ def test_shutdown_stops_local_trainers_but_leaves_hugging_face_jobs_training(man
     assert follower.proc.returncode == -9 and "stopped" not in events_of(followed)
 
 
-def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path):
+def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(manager, tmp_path, monkeypatch):
+    from lora_trainer.ui.header import run_label
     from lora_trainer.ui.live import status_markdown
 
-    run = make_run(tmp_path, "a", mode="linger")
+    monkeypatch.setattr(jobs, "MANAGER", manager)
+    run = make_run(tmp_path, "20261208-041500-a", mode="linger")  # the picker's label reads the stamp
     manager.submit(run)
     monitor = RunMonitor(run)
     wait_for(lambda: monitor.update() is not None and monitor.terminal)  # the `finished` event is written ...
@@ -169,15 +171,18 @@ def test_a_trainer_closing_after_its_finished_event_reads_finished_not_starting(
     status = run_status(monitor, manager)
     assert (status.state, status.exiting, status.active) == ("finished", True, True)  # the page keeps polling
     assert "Finished: step 50 / 50" in status_markdown(monitor, status)
+    assert run_label(run).endswith(" · finished")  # the run picker says what the status says (it said "running")
     (run / "release").touch()
     manager.wait(run, timeout=60)
     assert run_status(monitor, manager) == Status("finished")
 
 
-def test_a_resumed_run_reads_starting_until_its_new_attempt_starts(manager, tmp_path):
+def test_a_resumed_run_reads_starting_until_its_new_attempt_starts(manager, tmp_path, monkeypatch):
+    from lora_trainer.ui.header import run_label
     from lora_trainer.ui.live import status_markdown
 
-    run = make_run(tmp_path, "a")
+    monkeypatch.setattr(jobs, "MANAGER", manager)
+    run = make_run(tmp_path, "20261208-041500-a")
     old = {"type": "stopped", "step": 7, "time": time.time() - 60}  # the previous attempt's end
     (run / "events.jsonl").write_text(json.dumps({"type": "started", "step": 0, "time": old["time"] - 5}) + "\n"
                                       + json.dumps(old) + "\n")
@@ -187,6 +192,7 @@ def test_a_resumed_run_reads_starting_until_its_new_attempt_starts(manager, tmp_
     monitor.update()
     status = run_status(monitor, manager)
     assert status.state == "running" and "Starting" in status_markdown(monitor, status)
+    assert run_label(run).endswith(" · running")  # not the previous attempt's "stopped"
     (run / "release").touch()
     manager.wait(run, timeout=60)
     monitor.update()

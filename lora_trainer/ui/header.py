@@ -13,9 +13,8 @@ from ..config import CONFIG_FILENAME
 from ..config import load as load_config
 from ..errors import LoraStudioError
 from ..events import EVENTS_FILENAME, last_event
-from . import system
+from . import jobs, system
 from .common import Shared, info, user_errors
-from .jobs import MANAGER
 from .workspace import DATASET, Session, root
 
 STORAGE_KEY = "lora-studio-session"
@@ -45,13 +44,14 @@ def run_label(run_dir: Path) -> str:
     dataset = run_dir / DATASET
     count = sum(1 for p in dataset.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"}) if dataset.is_dir() else 0
     parts.append(f"{count} images")
-    job = MANAGER.get(run_dir)
-    if job is not None and job.active:
+    job = jobs.MANAGER.get(run_dir)
+    event = last_event(run_dir / EVENTS_FILENAME, "stopped", "finished", "failed")
+    # As the status does (monitor.run_status): an end newer than the active job is how it ended, while its process
+    # exits; an older one is a previous attempt's. (The picker is redrawn when the status changes, not after.)
+    if job is not None and job.active and (event is None or float(event.get("time", 0)) < job.submitted):
         parts.append(job.state)
-    else:
-        event = last_event(run_dir / EVENTS_FILENAME, "stopped", "finished", "failed")
-        if event is not None:
-            parts.append(event["type"])
+    elif event is not None:
+        parts.append(event["type"])
     return " · ".join(p for p in parts if p)
 
 
