@@ -124,9 +124,12 @@ def test_a_person_uploads_trains_stops_generates_and_publishes(browser, studio, 
     page.wait_for_function("() => document.querySelector('.caption-name input, .caption-name textarea')?.value === 'img000.png'")
     first_caption = page.locator(".caption-text textarea").first
     first_caption.fill("ohwx, a card with dark stripes")
-    first_caption.press("Tab")
+    with page.expect_request(lambda r: "/queue/join" in r.url):  # the save was sent (a lost blur fails here) ...
+        first_caption.press("Tab")
     caption_file = next(workspace.rglob("dataset/img000.txt"))
-    wait_until(lambda: caption_file.read_text() == "ohwx, a card with dark stripes")
+    # ... and waits in the app's queue behind whatever else the page asked for: once (30 s) not enough on a machine
+    # running two test processes and a trainer.
+    wait_until(lambda: caption_file.read_text() == "ohwx, a card with dark stripes", 120)
     shot(page, "2-captions")
 
     # Train: the default preset on the default base (the toy world's on a CPU), shortened; a loss point and a sample image
